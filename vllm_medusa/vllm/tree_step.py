@@ -1,0 +1,333 @@
+"""One tree-Medusa step inside vLLM's model runner: lay out, verify, compact, propose.
+
+vLLM schedules the N nodes of a request's tree as if they were N chain drafts (chain emulation), so
+the scheduler, KV allocation and rollback stay untouched. This object fixes up what a chain gets
+wrong, at four points of `GPUModelRunner`'s step (see `patches.py` for where each is called):
+
+1. `lay_out`   after `_prepare_inputs`: RoPE positions of node rows become root + depth, and the
+               attention backend learns how many nodes each request has (tree mask).
+2. `verify`    instead of the rejection sampler: accept the best path per request (greedy, typical
+               or lossless), return it chain-shaped `[num_reqs, max_drafts + 1]` (path tokens,
+               bonus, -1 padding) so the scheduler advances `num_computed_tokens` by the path length.
+3. `compact`   right after: copy the KV of the accepted nodes into the slots that follow the root,
+               where the next step expects them.
+4. `propose`   instead of vLLM's chain drafter: heads' top-k at the last accepted node -> tree tokens.
+
+Requests whose options the tree path cannot honour (penalties, logprobs, bad words, structured
+output...) get no drafts and are sampled by vLLM's own sampler: plain decoding, counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from vllm_medusa.acceptance import accept_greedy_targets, accept_lossless, accept_typical
+from vllm_medusa.candidates import fill_tree
+from vllm_medusa.heads import MedusaHeads
+from vllm_medusa.tree import TreeSpec
+from vllm_medusa.vllm.attention import TREE_MODE, move_kv
+from vllm_medusa.vllm.settings import Acceptance, MedusaSettings
+
+_SAMPLING_EPS = 1e-5  # vLLM's: a temperature below this is greedy
+
+# Proposer seam: (hidden [R, H], token ids so far per request, K heads, k) -> top-k tokens [R, K, k].
+Proposer = Callable[[torch.Tensor, list[np.ndarray], int, int], torch.Tensor]
+
+
+@dataclass
+class TreeStats:
+    """Counters of the tree path, per worker (read them with `LLM.collective_rpc`)."""
+
+    steps: int = 0  # verification steps that had at least one tree
+    trees: int = 0  # request-steps verified with a tree
+    emitted: int = 0  # tokens emitted by those request-steps
+    accepted_per_depth: list[int] = field(default_factory=list)  # [d]: paths reaching depth d+1
+    fallback_steps: int = 0  # request-steps sampled by vLLM's sampler (unsupported options)
+    kv_moves: int = 0  # accepted nodes whose KV was moved
+
+    @property
+    def tau(self) -> float:
+        return self.emitted / self.trees if self.trees else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "tau": self.tau}
+
+
+@dataclass
+class _Step:
+    num_nodes: np.ndarray  # [R] nodes scheduled per request
+    root_rows: np.ndarray  # [R] query row of each request's root (its last row if no nodes)
+    fallback: np.ndarray  # [R] bool: sampled by vLLM's sampler
+
+
+class TreeStep:
+    def __init__(self, settings: MedusaSettings, heads: MedusaHeads | None, proposer: Proposer | None = None):
+        self.settings = settings
+        self.tree: TreeSpec = settings.tree
+        self.heads = heads
+        self.proposer = proposer
+        self.stats = TreeStats(accepted_per_depth=[0] * self.tree.max_depth)
+        self._step: _Step | None = None
+        self._last_positions: np.ndarray | None = None  # [R] tree position of each request's last accepted node
+        self._acceptance_by_req: dict[str, Acceptance] = {}
+        self._fallback_by_req: dict[str, bool] = {}
+        TREE_MODE.enabled = True
+        TREE_MODE.ancestor_mask = self.tree.ancestor_mask
+
+    # -- per-request options --------------------------------------------------------------------
+    def forget(self, req_ids: set[str]) -> None:
+        for req_id in req_ids:
+            self._acceptance_by_req.pop(req_id, None)
+            self._fallback_by_req.pop(req_id, None)
+
+    def _request_acceptance(self, runner: Any, req_id: str) -> Acceptance:
+        if req_id not in self._acceptance_by_req:
+            params = runner.requests[req_id].sampling_params
+            self._acceptance_by_req[req_id] = self.settings.acceptance.for_request(params.extra_args)
+        return self._acceptance_by_req[req_id]
+
+    def _request_falls_back(self, runner: Any, req_id: str) -> bool:
+        if req_id not in self._fallback_by_req:
+            self._fallback_by_req[req_id] = unsupported_reason(runner.requests[req_id].sampling_params) is not None
+        return self._fallback_by_req[req_id]
+
+    # -- 1. layout ------------------------------------------------------------------------------
+    def lay_out(self, runner: Any, spec_meta: Any, num_scheduled: np.ndarray) -> None:
+        num_reqs = runner.input_batch.num_reqs
+        req_ids = runner.input_batch.req_ids[:num_reqs]
+        num_nodes = (
+            np.asarray(spec_meta.num_draft_tokens, dtype=np.int64) if spec_meta is not None
+            else np.zeros(num_reqs, dtype=np.int64)
+        )
+        query_start = runner.query_start_loc.np[: num_reqs + 1].astype(np.int64)
+        root_rows = query_start[1:] - num_nodes - 1
+        fallback = np.array([self._request_falls_back(runner, r) for r in req_ids], dtype=bool)
+        self._step = _Step(num_nodes, root_rows, fallback)
+        TREE_MODE.num_nodes = torch.from_numpy(num_nodes)
+        if num_nodes.any() and "depth_positions" not in TREE_MODE.disabled_parts:
+            owners = np.repeat(np.arange(num_reqs), num_nodes)
+            node_index = _ranges(num_nodes) + 1  # tree position 1..n of each node row
+            rows = torch.from_numpy(np.repeat(root_rows, num_nodes) + node_index)
+            roots = torch.from_numpy(root_rows[owners])
+            depths = self.tree.depths[torch.from_numpy(node_index)]
+            runner.positions[rows] = runner.positions[roots] + depths.to(runner.positions.dtype)
+
+    # -- 2. verification ------------------------------------------------------------------------
+    def verify(self, runner: Any, logits: torch.Tensor, spec_meta: Any, stock_sample: Callable[[], Any]) -> Any:
+        from vllm.v1.outputs import SamplerOutput
+
+        step = self._step
+        assert step is not None
+        num_reqs = len(step.num_nodes)
+        width = self.tree.num_nodes + 1
+        sampled_rows = np.asarray(spec_meta.cu_num_sampled_tokens.cpu(), dtype=np.int64)
+        first_row = sampled_rows - (step.num_nodes + 1)  # logits row of each request's root
+
+        tokens = torch.full((num_reqs, width), -1, dtype=torch.long)
+        owners = np.repeat(np.arange(num_reqs), step.num_nodes)
+        node_index = _ranges(step.num_nodes) + 1
+        tokens[torch.from_numpy(owners), torch.from_numpy(node_index)] = spec_meta.draft_token_ids.cpu().long()
+        # Logits row of every (request, tree position); positions past a request's nodes repeat its root
+        # row (their tokens are -1, so they are never accepted).
+        position = np.arange(width)[None, :]
+        rows = first_row[:, None] + np.where(position <= step.num_nodes[:, None], position, 0)
+        rows = torch.from_numpy(rows)
+
+        out_tokens, num_emitted, last_pos = self._accept(runner, logits, rows, tokens)
+
+        output = torch.full((num_reqs, max(spec_meta.max_spec_len, 0) + 1), -1, dtype=torch.int32)
+        cols = min(out_tokens.shape[1], output.shape[1])
+        output[:, :cols] = out_tokens[:, :cols].to(torch.int32)
+        logprobs = None
+        if step.fallback.any():
+            stock = stock_sample()
+            fallback = torch.from_numpy(step.fallback)
+            output[fallback] = stock.sampled_token_ids[fallback].cpu().to(torch.int32)
+            logprobs = stock.logprobs_tensors
+            last_pos[fallback] = 0
+            self.stats.fallback_steps += int(step.fallback.sum())
+
+        self._last_positions = last_pos.numpy()
+        self._record(step, num_emitted, last_pos)
+        return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs)
+
+    def _accept(
+        self, runner: Any, logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Accepted path per request: tokens [R, D+1], num_emitted [R], path[..., last] [R]."""
+        num_reqs = tokens.shape[0]
+        meta = runner.input_batch.sampling_metadata
+        temperature = (
+            torch.zeros(num_reqs) if meta.temperature is None else meta.temperature[:num_reqs].float().cpu()
+        )
+        req_ids = runner.input_batch.req_ids[:num_reqs]
+        modes = [self._request_acceptance(runner, r) for r in req_ids]
+        greedy = temperature < _SAMPLING_EPS
+        out = torch.full((num_reqs, self.tree.max_depth + 1), -1, dtype=torch.long)
+        emitted = torch.ones(num_reqs, dtype=torch.long)
+        last = torch.zeros(num_reqs, dtype=torch.long)
+
+        def put(members: torch.Tensor, result: Any) -> None:
+            out[members] = result.tokens
+            emitted[members] = result.num_emitted
+            last[members] = result.path.gather(1, (result.num_emitted - 1)[:, None]).squeeze(1)
+
+        greedy_idx = greedy.nonzero().flatten()
+        if greedy_idx.numel():
+            targets = logits.argmax(dim=-1)[rows[greedy_idx]].cpu()
+            put(greedy_idx, accept_greedy_targets(self.tree, tokens[greedy_idx], targets))
+        for typical in (False, True):
+            idx = torch.tensor(
+                [i for i in range(num_reqs) if not greedy[i] and (modes[i].mode == "typical") == typical],
+                dtype=torch.long,
+            )
+            if not idx.numel():
+                continue
+            sub_logits = _processed_logits(logits, rows[idx], meta, idx)
+            uniforms = _uniforms(runner, idx, self.tree.max_depth + 1)
+            if typical:
+                eps = torch.tensor([modes[i].typical_eps for i in idx.tolist()])
+                delta = torch.tensor([modes[i].typical_delta for i in idx.tolist()])
+                result = accept_typical(
+                    self.tree, tokens[idx], sub_logits, temperature[idx], eps, delta, uniforms=uniforms[:, 0]
+                )
+            else:
+                result = accept_lossless(self.tree, tokens[idx], sub_logits, temperature[idx], uniforms)
+            put(idx, result)
+        return out, emitted, last
+
+    def _record(self, step: _Step, num_emitted: torch.Tensor, last_pos: torch.Tensor) -> None:
+        with_tree = (step.num_nodes > 0) & ~step.fallback
+        if not with_tree.any():
+            return
+        self.stats.steps += 1
+        self.stats.trees += int(with_tree.sum())
+        emitted = num_emitted.numpy()[with_tree]
+        self.stats.emitted += int(emitted.sum())
+        for d in range(len(self.stats.accepted_per_depth)):
+            self.stats.accepted_per_depth[d] += int((emitted - 1 > d).sum())
+
+    # -- 3. KV compaction -----------------------------------------------------------------------
+    def compact(self, runner: Any, path_positions: torch.Tensor | None = None) -> None:
+        """Move the accepted nodes' KV from their tree slots to the slots right after the root."""
+        step, last = self._step, self._last_positions
+        if step is None or last is None or "kv_move" in TREE_MODE.disabled_parts:
+            return
+        paths = self._paths_to(torch.from_numpy(last))  # [R, D+1] tree positions, -1 padded
+        depth_index = torch.arange(paths.shape[1])[None, :].expand_as(paths)
+        moved = (paths >= 0) & (paths != depth_index)
+        if not moved.any():
+            return
+        owner = moved.nonzero()[:, 0]
+        roots = torch.from_numpy(step.root_rows)[owner]
+        slot_mapping = TREE_MODE.slot_mapping.long()
+        src = slot_mapping[roots + paths[moved]]
+        dst = slot_mapping[roots + depth_index[moved]]
+        move_kv(runner.kv_caches, src, dst)
+        self.stats.kv_moves += int(moved.sum())
+
+    def _paths_to(self, last: torch.Tensor) -> torch.Tensor:
+        """Root-to-node tree positions [R, D+1] ending at each `last` position, -1 padded."""
+        parents = self.tree.parents
+        depths = self.tree.depths
+        paths = torch.full((len(last), self.tree.max_depth + 1), -1, dtype=torch.long)
+        node = last.clone()
+        for _ in range(self.tree.max_depth + 1):
+            valid = node >= 0
+            paths[valid, depths[node[valid]]] = node[valid]
+            node = torch.where(valid, parents[node.clamp(min=0)], -1)
+        return paths
+
+    # -- 4. proposal ----------------------------------------------------------------------------
+    def propose(
+        self,
+        runner: Any,
+        sampled_token_ids: list[list[int]],
+        sample_hidden_states: torch.Tensor,
+        spec_meta: Any,
+    ) -> list[list[int]]:
+        num_reqs = len(sampled_token_ids)
+        step = self._step
+        if spec_meta is None:
+            hidden_rows = np.arange(num_reqs)
+        else:
+            sampled_rows = np.asarray(spec_meta.cu_num_sampled_tokens.cpu(), dtype=np.int64)
+            hidden_rows = sampled_rows - (step.num_nodes + 1) + self._last_positions
+        active = [
+            i for i, toks in enumerate(sampled_token_ids)
+            if toks and not (step is not None and step.fallback[i])
+        ]
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        if not active:
+            return drafts
+        idx = torch.tensor(active)
+        hidden = sample_hidden_states[torch.from_numpy(hidden_rows[active])]
+        k = self.tree.topk
+        if self.proposer is not None:
+            history = [runner.input_batch.token_ids_cpu[i, : runner.input_batch.num_tokens_no_spec[i]] for i in active]
+            topk = self.proposer(hidden, history, self.tree.max_depth, k)
+        else:
+            topk = self.heads.topk_tokens(hidden.to(self.heads_dtype), k)
+        roots = torch.tensor([sampled_token_ids[i][-1] for i in active])
+        nodes = fill_tree(self.tree, roots, topk.cpu())[:, 1:]
+        for row, i in enumerate(idx.tolist()):
+            drafts[i] = nodes[row].tolist()
+        return drafts
+
+    @property
+    def heads_dtype(self) -> torch.dtype:
+        return next(self.heads.parameters()).dtype
+
+
+def unsupported_reason(params: Any) -> str | None:
+    """Why a request's sampling options need vLLM's own sampler (then it decodes without a tree)."""
+    if params is None:
+        return None
+    if params.logprobs is not None or params.prompt_logprobs is not None:
+        return "logprobs"
+    if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
+        return "penalties"
+    if params.bad_words or getattr(params, "allowed_token_ids", None) or getattr(params, "logit_bias", None):
+        return "token constraints"
+    if params.min_p or params.min_tokens:
+        return "min_p / min_tokens"
+    if getattr(params, "structured_outputs", None) is not None:
+        return "structured output"
+    return None
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: [2, 0, 3] -> [0, 1, 0, 1, 2]."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+def _processed_logits(logits: torch.Tensor, rows: torch.Tensor, meta: Any, idx: torch.Tensor) -> torch.Tensor:
+    """[G, N+1, V] float32 logits of sampled requests, with their top-k / top-p applied."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    sub = logits[rows.flatten()].float()
+    per_row = rows.shape[1]
+    top_k = None if meta.top_k is None else meta.top_k[idx].repeat_interleave(per_row)
+    top_p = None if meta.top_p is None else meta.top_p[idx].repeat_interleave(per_row)
+    if top_k is not None or top_p is not None:
+        sub = apply_top_k_top_p(sub, top_k, top_p)
+    return sub.view(rows.shape[0], per_row, -1)
+
+
+def _uniforms(runner: Any, idx: torch.Tensor, width: int) -> torch.Tensor:
+    """[G, width] uniforms; a seeded request draws from its own generator, so its output does not
+    depend on which other requests share the batch."""
+    generators = runner.input_batch.sampling_metadata.generators
+    uniforms = torch.rand(len(idx), width)
+    for row, i in enumerate(idx.tolist()):
+        if i in generators:
+            uniforms[row] = torch.rand(width, generator=generators[i])
+    return uniforms
