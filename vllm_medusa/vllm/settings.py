@@ -112,21 +112,26 @@ def resolve_tree(spec: Any, num_heads: int | None = None) -> TreeSpec:
     return tree
 
 
-def tree_from_heads_config(config: dict[str, Any]) -> Any:
-    """The tree stored with the heads (key `medusa_choices`, as the reference code names it, or `tree`)."""
-    return config.get("medusa_choices") or config.get("tree") or DEFAULT_TREE
+def stored_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """Our extras in the heads' config.json (key `vllm_medusa`, see heads.HeadsConfig); a reference-style
+    `medusa_choices` key is honoured as the tree too."""
+    from vllm_medusa.heads import EXTRAS_KEY
+
+    stored = dict(config.get(EXTRAS_KEY) or {})
+    if not stored.get("tree") and config.get("medusa_choices"):
+        stored["tree"] = config["medusa_choices"]
+    return stored
 
 
 def load_settings(heads_dir: str | Path, additional_config: dict[str, Any] | None) -> MedusaSettings:
-    config = heads_config(heads_dir)
-    options = server_options(additional_config)
-    tree = resolve_tree(options.get("tree", tree_from_heads_config(config)))
+    stored = stored_defaults(heads_config(heads_dir))
+    options = {**stored, **server_options(additional_config)}
+    tree = resolve_tree(options.get("tree") or DEFAULT_TREE)
     if "num_nodes" in options:
         tree = tree.truncated(int(options["num_nodes"]))
-    stored = config.get("medusa_acceptance") or {}
     acceptance = Acceptance(
-        mode=str(options.get("acceptance", stored.get("mode", "auto"))),
-        typical_eps=float(options.get("typical_eps", stored.get("typical_eps", 0.09))),
-        typical_delta=float(options.get("typical_delta", stored.get("typical_delta", 0.3))),
+        mode=str(options.get("acceptance", "auto")),
+        typical_eps=float(options.get("typical_eps", 0.09)),
+        typical_delta=float(options.get("typical_delta", 0.3)),
     )
     return MedusaSettings(Path(heads_dir), tree, acceptance, options.get("proposer"))

@@ -1,0 +1,82 @@
+"""Fixtures for tests that run a real vLLM engine (CPU, float32, in-process, eager).
+
+In-process engines (VLLM_ENABLE_V1_MULTIPROCESSING=0) let a test reach the worker's tree step
+(stats, mutation switches) directly and start in a few seconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ORACLE = str(Path(__file__).with_name("oracle.py").resolve()) + ":make_oracle"
+# Depth-4 tree whose true path (1, 1, 1, 1) lies on non-first branches (the oracle's rank).
+ORACLE_TREE = [[0], [1], [2], [0, 0], [1, 0], [1, 1], [2, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]
+BASE_ENGINE_ARGS = dict(
+    dtype="float32", enforce_eager=True, max_model_len=2048, seed=0, max_num_seqs=64, disable_log_stats=False
+)
+
+pytest.importorskip("vllm")
+
+
+def make_prompts(model_dir: Path, count: int) -> list[str]:
+    """`count` chat prompts of mixed lengths: MT-Bench first turns, cut at different word counts."""
+    from transformers import AutoTokenizer
+
+    from vllm_medusa.mtbench import load_mtbench
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    questions = load_mtbench()
+    prompts = []
+    for i in range(count):
+        words = questions[(i * 7) % len(questions)].turns[0].split()
+        keep = [3, 8, 20, 60, 400][i % 5]
+        message = [{"role": "user", "content": " ".join(words[:keep])}]
+        prompts.append(tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True))
+    return prompts
+
+
+def write_oracle(path: Path, outputs) -> None:
+    """Reference sequences (prompt + greedy output) for the oracle proposer."""
+    sequences = [list(o.prompt_token_ids) + list(c.token_ids) for o in outputs for c in o.outputs]
+    path.write_text(json.dumps({"sequences": sequences}))
+
+
+def tree_stats(llm) -> dict:
+    return llm.collective_rpc(lambda self: self.model_runner._medusa.stats.as_dict())[0]
+
+
+def reset_tree_stats(llm) -> None:
+    from vllm_medusa.vllm.tree_step import TreeStats
+
+    def reset(self):
+        tree = self.model_runner._medusa
+        tree.stats = TreeStats(accepted_per_depth=[0] * tree.tree.max_depth)
+
+    llm.collective_rpc(reset)
+
+
+def shutdown(llm) -> None:
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="session")
+def oracle_heads(tmp_path_factory) -> Path:
+    """A heads directory holding only a config (the oracle proposes, no weights needed)."""
+    heads = tmp_path_factory.mktemp("oracle_heads")
+    (heads / "config.json").write_text(
+        json.dumps({"model_type": "medusa", "hidden_size": 576, "vocab_size": 49152, "num_heads": 4,
+                    "vllm_medusa": {"tree": ORACLE_TREE}})
+    )
+    return heads
