@@ -156,7 +156,7 @@ def test_attention_calls_do_not_grow_with_requests(medusa, prompts):
 @pytest.mark.parametrize(
     "engine_args, event",
     [
-        (dict(num_gpu_blocks_override=8, enable_prefix_caching=False), "vllm:num_preemptions"),
+        (dict(num_gpu_blocks_override=10, max_model_len=1024, enable_prefix_caching=False), "vllm:num_preemptions"),
         (dict(max_num_batched_tokens=96, enable_chunked_prefill=True), None),
     ],
     ids=["preemption", "chunked_prefill"],

@@ -1,0 +1,167 @@
+"""`vllm-medusa demo`: plain vLLM vs tree Medusa on MT-Bench prompts, SmolLM2-135M-Instruct.
+
+Both engines run in this process with identical arguments except the speculative config; each
+prompt is generated alone (batch 1) by each, greedy, and the table shows tokens, tau (tokens per
+verification step), tokens/s of both and whether the outputs match token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# In-process engines start in seconds; must be set before vLLM is imported.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class Row:
+    question_id: int
+    category: str
+    tokens: int
+    tau: float
+    plain_tps: float
+    medusa_tps: float
+    match: bool
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vllm-medusa demo", description=__doc__)
+    parser.add_argument("--prompts", type=int, default=6, help="MT-Bench questions (first turns)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="default: bfloat16 (the fast dtype on this CPU); float32 for exact matches")
+    parser.add_argument("--heads", type=Path, default=None, help="heads directory (default: the shipped ones)")
+    parser.add_argument("--tree", default=None, help="tree preset or size (default: the heads' own tree)")
+    parser.add_argument("--smoke", action="store_true", help="2 prompts, 24 tokens, float32: the test suite's check")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.smoke:
+        args.prompts, args.max_tokens, args.dtype = 2, 24, args.dtype or "float32"
+    dtype = args.dtype or "bfloat16"
+
+    from vllm_medusa.convert import ensure_smollm2
+
+    print(f"[demo] base model SmolLM2-135M-Instruct ({dtype}) ...", flush=True)
+    model_dir = ensure_smollm2(dtype)
+    heads_dir = args.heads or default_heads(model_dir)
+    print(f"[demo] heads: {heads_dir}", flush=True)
+    rows = run(model_dir, heads_dir, dtype, args.prompts, args.max_tokens, args.tree)
+    print(format_table(rows, dtype))
+    return 0
+
+
+def default_heads(model_dir: Path) -> Path:
+    """The shipped trained heads for SmolLM2, or random heads (made once) if none are shipped."""
+    from vllm_medusa.shipped import shipped_heads_for
+
+    shipped = shipped_heads_for(model_dir)
+    if shipped is not None:
+        return shipped
+    return random_heads(model_dir)
+
+
+def random_heads(model_dir: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_medusa.checkpoint import save_heads
+    from vllm_medusa.heads import MedusaHeads
+    from vllm_medusa.tree import TreeSpec
+
+    out = model_dir.parent / f"{model_dir.name}-random-heads"
+    if (out / "config.json").is_file():
+        return out
+    print("[demo] no trained heads shipped: using random heads (tau will be low)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    weight = model.get_output_embeddings().weight.detach()
+    torch.manual_seed(0)
+    heads = MedusaHeads(weight.shape[1], weight.shape[0], num_heads=4, token_map=torch.arange(8192))
+    heads.init_from_lm_head(weight)
+    save_heads(heads, out, tree=TreeSpec.preset("medusa-16"))
+    return out
+
+
+def run(model_dir: Path, heads_dir: Path, dtype: str, num_prompts: int, max_tokens: int, tree: str | None) -> list[Row]:
+    from vllm import LLM, SamplingParams
+
+    from vllm_medusa.mtbench import load_mtbench
+
+    questions = load_mtbench(limit=num_prompts)
+    messages = [[{"role": "user", "content": q.turns[0]}] for q in questions]
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    engine_args = dict(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0)
+    medusa_options = {"tree": tree} if tree else {}
+
+    results = {}
+    for name, extra in (
+        ("plain", {}),
+        ("medusa", dict(speculative_config={"method": "medusa", "model": str(heads_dir)},
+                        additional_config={"medusa": medusa_options})),
+    ):
+        print(f"[demo] {name}: starting vLLM", flush=True)
+        llm = LLM(**engine_args, **extra)
+        llm.chat(messages[:1], params, use_tqdm=False)  # warm-up
+        results[name] = [timed_chat(llm, m, params, name == "medusa") for m in messages]
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+    rows = []
+    for q, (plain_tokens, plain_s, _), (medusa_tokens, medusa_s, tau) in zip(questions, results["plain"], results["medusa"]):
+        rows.append(Row(q.question_id, q.category, len(medusa_tokens), tau,
+                        len(plain_tokens) / plain_s, len(medusa_tokens) / medusa_s, plain_tokens == medusa_tokens))
+    return rows
+
+
+def timed_chat(llm, messages, params, medusa: bool) -> tuple[list[int], float, float]:
+    if medusa:
+        llm.collective_rpc(_reset_stats)
+    start = time.perf_counter()
+    out = llm.chat([messages], params, use_tqdm=False)[0]
+    elapsed = time.perf_counter() - start
+    tau = llm.collective_rpc(_read_tau)[0] if medusa else 1.0
+    return list(out.outputs[0].token_ids), elapsed, tau
+
+
+def _reset_stats(worker) -> None:
+    from vllm_medusa.vllm.tree_step import TreeStats
+
+    tree = worker.model_runner._medusa
+    tree.stats = TreeStats(accepted_per_depth=[0] * tree.tree.max_depth)
+
+
+def _read_tau(worker) -> float:
+    return worker.model_runner._medusa.stats.tau
+
+
+def format_table(rows: list[Row], dtype: str) -> str:
+    lines = [
+        "",
+        f"Plain vLLM vs tree Medusa, SmolLM2-135M-Instruct, {dtype}, greedy, batch 1",
+        "| question | category | tokens | tau | plain tok/s | medusa tok/s | speedup | same output |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.question_id} | {r.category} | {r.tokens} | {r.tau:.2f} | {r.plain_tps:.1f} | "
+            f"{r.medusa_tps:.1f} | {r.medusa_tps / r.plain_tps:.2f}x | {'yes' if r.match else 'no'} |"
+        )
+    total_tokens = sum(r.tokens for r in rows)
+    mean_tau = sum(r.tau * r.tokens for r in rows) / max(total_tokens, 1)
+    speedup = sum(r.medusa_tps / r.plain_tps for r in rows) / max(len(rows), 1)
+    lines.append(f"\nmean tau {mean_tau:.2f}, mean speedup {speedup:.2f}x, "
+                 f"{sum(r.match for r in rows)}/{len(rows)} outputs identical")
+    if dtype == "bfloat16":
+        lines.append("(bfloat16: different batch shapes round differently, so long outputs may diverge; "
+                     "run with --dtype float32 for the exactness check)")
+    return "\n".join(lines)
