@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+from vllm_medusa.adaptive import NodeStats, StepCost, choose_num_nodes, node_priors
+from vllm_medusa.tree import TreeSpec
+
+
+def test_step_cost_interpolates_and_extrapolates():
+    cost = StepCost.from_points({1: 1.0, 3: 2.0, 5: 4.0})
+    assert cost(2) == pytest.approx(1.5)
+    assert cost(7) == pytest.approx(6.0)  # last slope (1.0 per token) continued
+
+
+def test_step_cost_follows_observed_steps():
+    cost = StepCost.linear(base=1.0, per_token=0.0)
+    for _ in range(200):
+        cost.observe(16, 2.0)  # the machine is twice as slow at 16 tokens as the prior says
+    assert cost(16) == pytest.approx(2.0, rel=0.02)
+    assert cost(1) == pytest.approx(1.0)  # far grid points untouched
+
+
+def test_step_cost_round_trips(tmp_path):
+    cost = StepCost.linear(0.01, 0.001)
+    cost.save(tmp_path / "c.json", {"model": "x"})
+    loaded = StepCost.load(tmp_path / "c.json")
+    assert np.allclose(loaded(np.arange(1, 100)), cost(np.arange(1, 100)))
+    assert StepCost.load(tmp_path / "missing.json") is None
+
+
+def test_flat_cost_picks_whole_tree_steep_cost_picks_none():
+    q = np.array([0.6, 0.4, 0.3, 0.2, 0.1])
+    flat = StepCost.linear(base=1.0, per_token=0.0001)
+    steep = StepCost.linear(base=0.01, per_token=1.0)  # every extra token costs as much as a step
+    assert choose_num_nodes(q, batch=1, other_tokens=0, cost=flat) == 5
+    assert choose_num_nodes(q, batch=1, other_tokens=0, cost=steep) == 0
+
+
+def test_larger_batch_chooses_smaller_tree():
+    """Compute-bound past ~64 tokens, as on a GPU: trees must shrink as the batch grows."""
+    q = np.array([0.7, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.05])
+    cost = StepCost.from_points({1: 1.0, 16: 1.05, 64: 1.2, 256: 4.0, 1024: 16.0})
+    chosen = [choose_num_nodes(q, batch=b, other_tokens=0, cost=cost) for b in (1, 8, 64)]
+    assert chosen[0] == len(q)
+    assert chosen[0] > chosen[1] > chosen[2]
+
+
+def test_prefill_tokens_in_the_step_make_speculation_dearer():
+    q = np.array([0.5, 0.3, 0.2])
+    cost = StepCost.from_points({1: 1.0, 4: 1.1, 100: 1.5, 101: 1.5, 102: 3.0, 200: 6.0})
+    assert choose_num_nodes(q, batch=1, other_tokens=0, cost=cost) == 3
+    assert choose_num_nodes(q, batch=1, other_tokens=100, cost=cost) == 0
+
+
+def test_ranking_prefixes_are_subtrees_and_follow_observations():
+    tree = TreeSpec.preset("medusa-16")
+    stats = NodeStats(tree, node_priors(tree), prior_weight=1.0)
+    order, q = stats.ranking()
+    assert np.all(np.diff(q) <= 1e-12)
+    for n in range(1, tree.num_nodes + 1):
+        TreeSpec([tree.choices[i] for i in order[:n]])  # validates prefix-closure
+    # Observations that favour the second child of the root push it up the ranking.
+    second = tree.choices.index((1,))
+    verified = np.ones(tree.num_nodes) * 100
+    accepted = np.zeros(tree.num_nodes)
+    accepted[second] = 95
+    stats.observe(verified, accepted)
+    order, _ = stats.ranking()
+    assert order[0] == second
+
+
+def test_node_priors_from_accuracies_are_path_products():
+    tree = TreeSpec([(0,), (1,), (0, 0)])
+    acc = np.array([[0.5, 0.2], [0.4, 0.1]])
+    assert np.allclose(node_priors(tree, acc), [0.5, 0.2, 0.5 * 0.4])
+
+
+def test_adaptive_tree_shrinks_with_cost_and_learns_acceptance():
+    from vllm_medusa.adaptive import AdaptiveTree
+
+    full = TreeSpec.preset("medusa-16")
+    cheap = StepCost.linear(base=1.0, per_token=0.0001)
+    tree = AdaptiveTree(full, cheap, node_priors(full))
+    assert tree.choose(batch=1).num_nodes == 16
+    tree.cost = StepCost.linear(base=0.001, per_token=1.0)
+    assert tree.choose(batch=1) is None
+    # Fixed mode ignores the cost.
+    assert AdaptiveTree(full, tree.cost, node_priors(full), adaptive=False).choose(batch=1) is full
+
+
+def test_observe_acceptance_counts_verified_and_accepted_nodes():
+    from vllm_medusa.adaptive import AdaptiveTree
+
+    full = TreeSpec([(0,), (1,), (0, 0), (1, 0)])
+    tree = AdaptiveTree(full, StepCost.linear(1.0, 0.0), np.full(4, 0.5))
+    sub = tree._subtree((1, 3))[0]  # nodes (1,) and (1, 0)
+    # request 0 verified both and accepted (1, 0) (position 2); request 1 verified one, accepted nothing
+    tree.observe_acceptance(sub, np.array([2, 1]), np.array([2, 0]))
+    assert tree.stats.verified.tolist() == [0, 2, 0, 1]
+    assert tree.stats.accepted.tolist() == [0, 1, 0, 1]

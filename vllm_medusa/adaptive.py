@@ -1,0 +1,205 @@
+"""Adaptive speculation: each step, the tree size that maximises expected tokens per second.
+
+Two measured ingredients, both pure PyTorch/NumPy (no vLLM):
+
+* `StepCost`: t(x), the wall time of one engine step that feeds x tokens, as a piecewise-linear curve
+  over a grid of token counts. It starts from a calibration (cached per machine and model) and
+  follows real steps online (exponential moving average per grid point).
+* `NodeStats`: for every node of the full tree, how often it was accepted when it was verified
+  (greedy: node v is accepted iff every token on its path is the base model's choice, whatever its
+  siblings are). With q_v that probability, a subtree S yields 1 + sum_{v in S} q_v tokens per step in
+  expectation, so the best subtree of each size n is the n nodes of highest q: a nested family.
+
+`choose_num_nodes` then picks n (0 = no speculation) maximising
+    b * (1 + Q(n)) / t(other + b * (1 + n))
+for b requests that would get a tree and `other` tokens (prefill chunks) sharing the step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vllm_medusa.tree import TreeSpec
+
+GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass
+class StepCost:
+    """t(x) in seconds for a step of x tokens; `sizes` ascending."""
+
+    sizes: np.ndarray
+    seconds: np.ndarray
+    smoothing: float = 0.05  # weight of one observed step in its grid point's moving average
+
+    @classmethod
+    def from_points(cls, points: dict[int, float]) -> StepCost:
+        sizes = np.array(sorted(points), dtype=np.float64)
+        return cls(sizes, np.array([points[int(s)] for s in sizes], dtype=np.float64))
+
+    @classmethod
+    def linear(cls, base: float, per_token: float) -> StepCost:
+        """A prior before any measurement: t(x) = base + per_token * x."""
+        return cls.from_points({x: base + per_token * x for x in GRID})
+
+    def __call__(self, tokens: np.ndarray | float) -> np.ndarray:
+        x = np.asarray(tokens, dtype=np.float64)
+        inside = np.interp(x, self.sizes, self.seconds)
+        # Past the last grid point, extend the last segment's slope.
+        slope = (self.seconds[-1] - self.seconds[-2]) / (self.sizes[-1] - self.sizes[-2])
+        return np.where(x > self.sizes[-1], self.seconds[-1] + slope * (x - self.sizes[-1]), inside)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """Scale the grid points around `tokens` (linear weights) towards one measured step."""
+        ratio = seconds / float(self(tokens))
+        i = int(np.searchsorted(self.sizes, tokens))
+        if i == 0 or i == len(self.sizes):
+            neighbours = [(min(i, len(self.sizes) - 1), 1.0)]
+        else:
+            w_hi = (tokens - self.sizes[i - 1]) / (self.sizes[i] - self.sizes[i - 1])
+            neighbours = [(i - 1, 1.0 - w_hi), (i, w_hi)]
+        for j, weight in neighbours:
+            self.seconds[j] *= 1.0 + self.smoothing * weight * (ratio - 1.0)
+
+    def to_json(self) -> dict:
+        return {"sizes": self.sizes.astype(int).tolist(), "seconds": self.seconds.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StepCost:
+        return cls(np.asarray(data["sizes"], dtype=np.float64), np.asarray(data["seconds"], dtype=np.float64))
+
+    def save(self, path: Path, meta: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, **self.to_json()}, indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> StepCost | None:
+        try:
+            return cls.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+@dataclass
+class NodeStats:
+    """Per-node acceptance of the full tree, with a prior worth `prior_weight` observations.
+
+    prior: [N] prior acceptance probability of each node (tree order), e.g. the product of the
+    heads' measured top-k accuracies along its path (`node_priors`).
+    """
+
+    tree: TreeSpec
+    prior: np.ndarray
+    prior_weight: float = 20.0
+    verified: np.ndarray = field(init=False)
+    accepted: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.verified = np.zeros(self.tree.num_nodes)
+        self.accepted = np.zeros(self.tree.num_nodes)
+
+    def observe(self, verified_counts: np.ndarray, accepted_counts: np.ndarray) -> None:
+        """Add one step: [N] how often each node was verified / accepted."""
+        self.verified += verified_counts
+        self.accepted += accepted_counts
+
+    def acceptance(self) -> np.ndarray:
+        """[N] estimated q_v, made monotone along paths (a child never beats its parent)."""
+        q = (self.accepted + self.prior_weight * self.prior) / (self.verified + self.prior_weight)
+        parents = self.tree.parents.numpy()
+        for i in range(1, self.tree.num_nodes + 1):  # topological order: parents are final first
+            if parents[i] > 0:
+                q[i - 1] = min(q[i - 1], q[parents[i] - 1])
+        return q
+
+    def ranking(self) -> tuple[np.ndarray, np.ndarray]:
+        """Node indices (0-based, tree order) by decreasing q, shallower first on ties, and their q.
+
+        Every prefix of this ranking is prefix-closed, so each is a valid subtree.
+        """
+        q = self.acceptance()
+        depth = self.tree.depths.numpy()[1:]
+        order = np.lexsort((np.arange(len(q)), depth, -q))
+        return order, q[order]
+
+
+def node_priors(tree: TreeSpec, accuracies: np.ndarray | None = None) -> np.ndarray:
+    """[N] prior acceptance per node: product of accuracies[depth-1, rank] along its path.
+
+    Without measured accuracies, a generic decay (top-1 of head d right half the time as often as
+    head d-1's, rank r as often as 1/(r+1) of rank 0) keeps shallow, low-rank nodes first.
+    """
+    depths = tree.depths.numpy()[1:]
+    ranks = tree.ranks.numpy()[1:]
+    if accuracies is None:
+        per_node = 0.6 * 0.8 ** (depths - 1) / (ranks + 1.0)
+    else:
+        acc = np.asarray(accuracies, dtype=np.float64)
+        per_node = np.where(ranks < acc.shape[1], acc[np.minimum(depths - 1, acc.shape[0] - 1), np.minimum(ranks, acc.shape[1] - 1)], 0.0)
+    prior = np.ones(tree.num_nodes)
+    parents = tree.parents.numpy()
+    for i in range(1, tree.num_nodes + 1):
+        parent_prior = prior[parents[i] - 1] if parents[i] > 0 else 1.0
+        prior[i - 1] = parent_prior * per_node[i - 1]
+    return prior
+
+
+def choose_num_nodes(q_ranked: np.ndarray, batch: int, other_tokens: int, cost: StepCost) -> int:
+    """n in 0..len(q_ranked) maximising batch * (1 + sum(q_ranked[:n])) / t(other + batch * (1 + n))."""
+    if batch <= 0:
+        return 0
+    n = np.arange(len(q_ranked) + 1)
+    expected = batch * (1.0 + np.concatenate([[0.0], np.cumsum(q_ranked)]))
+    seconds = cost(other_tokens + batch * (1 + n))
+    return int(np.argmax(expected / seconds))
+
+
+class AdaptiveTree:
+    """The tree of each step: a prefix of the acceptance ranking of the full tree, sized by the cost
+    model (or always the full tree when `adaptive` is False), learning from every verified step."""
+
+    def __init__(self, tree: TreeSpec, cost: StepCost, prior: np.ndarray, adaptive: bool = True) -> None:
+        self.full = tree
+        self.cost = cost
+        self.adaptive = adaptive
+        self.stats = NodeStats(tree, prior)
+        self._index = {choice: i for i, choice in enumerate(tree.choices)}
+        self._subtrees: dict[tuple, tuple[TreeSpec, np.ndarray]] = {}
+
+    def choose(self, batch: int, other_tokens: int = 0) -> TreeSpec | None:
+        """This step's tree for `batch` requests (None: no speculation)."""
+        if not self.adaptive:
+            return self.full
+        order, q = self.stats.ranking()
+        n = choose_num_nodes(q, batch, other_tokens, self.cost)
+        if n == 0:
+            return None
+        return self._subtree(tuple(sorted(order[:n].tolist())))[0]
+
+    def _subtree(self, nodes: tuple[int, ...]) -> tuple[TreeSpec, np.ndarray]:
+        """The TreeSpec of some full-tree nodes, and [n] full-tree index of each of its positions 1..n."""
+        if nodes not in self._subtrees:
+            tree = TreeSpec([self.full.choices[i] for i in nodes])
+            full_index = np.array([self._index[c] for c in tree.choices], dtype=np.int64)
+            self._subtrees[nodes] = (tree, full_index)
+        return self._subtrees[nodes]
+
+    def observe_acceptance(self, tree: TreeSpec, num_nodes: np.ndarray, last_positions: np.ndarray) -> None:
+        """One verified step of `tree`: request r had its first num_nodes[r] nodes verified and accepted
+        the path ending at last_positions[r]."""
+        if tree is self.full:
+            full_index = np.arange(tree.num_nodes)
+        else:
+            full_index = self._subtree(tuple(sorted(self._index[c] for c in tree.choices)))[1]
+        positions = np.arange(1, tree.num_nodes + 1)
+        verified = (num_nodes[:, None] >= positions[None, :]).sum(axis=0)
+        accepted = tree.ancestor_mask.numpy()[last_positions].sum(axis=0)[1:]
+        v = np.zeros(self.full.num_nodes)
+        a = np.zeros(self.full.num_nodes)
+        np.add.at(v, full_index, verified)
+        np.add.at(a, full_index, accepted)
+        self.stats.observe(v, a)
