@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-HEADS_ROOT = Path(__file__).parent / "heads"
+HEADS_ROOT = Path(__file__).parent / "shipped_heads"
 
 
 def shipped_heads_for(base_model: str | Path) -> Path | None:

@@ -31,6 +31,20 @@ def test_build_tree_writes_tree_of_requested_size(tiny_model_dir: Path, tiny_dat
     taus = [report["tau"][n] for n in ("4", "16", "32", "64")]
     assert taus == sorted(taus) and taus[0] >= 1.0 and len(report["top1"]) == 3
 
+def test_build_tree_from_recorded_accuracies(tmp_path: Path) -> None:
+    heads = MedusaHeads(hidden_size=8, vocab_size=16, num_heads=2)
+    save_heads(heads, tmp_path)
+    acc = [[0.5, 0.2, 0.1], [0.3, 0.1, 0.05]]
+    (tmp_path / "metrics.json").write_text(json.dumps({"rank_accuracies": acc, "top1": [0.5, 0.3], "top5": [0.8, 0.45],
+                                                       "coverage": None, "tau": {}}))
+    argv = ["--heads", str(tmp_path), "--accuracies", str(tmp_path / "metrics.json"), "--num-nodes", "5"]
+    assert build_tree.main(argv) == 0
+    _, config = load_heads(tmp_path)
+    # node values: (0) .5, (1) .2, (0,0) .5*.3=.15, (2) .1, (1,0) .2*.3=.06; next would be (0,1) .05
+    assert config.tree == [[0], [1], [2], [0, 0], [1, 0]]
+
+
 def test_build_tree_refuses_mt_bench(tmp_path: Path) -> None:
+    save_heads(MedusaHeads(hidden_size=8, vocab_size=16, num_heads=2), tmp_path)
     with pytest.raises(SystemExit):
         build_tree.main(["--heads", str(tmp_path), "--data", str(tmp_path / "mt_bench_questions.jsonl")])

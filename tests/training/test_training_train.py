@@ -48,8 +48,8 @@ def test_stage1_heads_beat_initial_heads_and_resume(tiny_model_dir: Path, tiny_d
 def test_stage2_lora_writes_backbone_heads_and_drift(tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "joint"
     args = ["--stage", "2", "--model", str(tiny_model_dir), "--data", str(tiny_data_dir), "--out", str(out),
-            "--lora-rank", "4", "--batch-size", "16", "--heads-warmup-steps", "3", "--drift-prompts", "2",
-            "--hidden-batch-tokens", "4096", *COMMON]
+            "--lora-rank", "4", "--heads-warmup-steps", "2", "--drift-prompts", "2", "--drift-tokens", "8",
+            "--hidden-batch-tokens", "4096", *COMMON, "--epochs", "1", "--batch-size", "32"]
     assert train.main(args) == 0
     heads, _ = load_heads(out)
     metrics = json.loads((out / "metrics.json").read_text())

@@ -7,6 +7,7 @@ evaluation set, so any conversation sharing a prompt with it is dropped, and tha
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -77,11 +78,11 @@ def read_records(path: str | Path | None = None) -> Iterator[dict[str, Any]]:
         with open_dataset("r") as handle:
             yield from _iter_json_array(handle.read())
         return
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
         yield from _iter_json_array(text)
     else:
-        yield from (json.loads(line) for line in text.splitlines() if line.strip())
+        yield from (json.loads(line) for line in text.split("\n") if line.strip())  # see read_jsonl
 
 
 def load_conversations(path: str | Path | None = None) -> list[Conversation]:
@@ -151,11 +152,21 @@ def prompt_ids(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
+def read_text(path: str | Path) -> str:
+    """A text file's contents, gunzipped when the name ends in .gz."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    return path.read_text(encoding="utf-8")
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL(.gz) file, [] if it does not exist. Lines split on "\n" only: str.splitlines would
+    also split at U+2028 and friends, which json.dumps(ensure_ascii=False) leaves inside strings."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in read_text(path).split("\n") if line.strip()]
 
 
 def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
@@ -163,6 +174,11 @@ def append_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         handle.flush()
+
+
+def find_split(directory: Path, name: str) -> Path | None:
+    """directory/name, or its gzipped copy directory/name.gz; None if neither exists."""
+    return next((p for p in (directory / name, directory / f"{name}.gz") if p.exists()), None)
 
 
 def load_chats(path: str | Path) -> list[list[Message]]:

@@ -96,9 +96,9 @@ def load_checkpoint(out_dir: Path, module: torch.nn.Module, optimizer: torch.opt
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)
-    missing = module.load_state_dict(state["trainable"], strict=False).unexpected_keys
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: unexpected keys {missing[:3]}")
+    unexpected = module.load_state_dict(state["trainable"], strict=False).unexpected_keys
+    if unexpected:  # strict=False only because frozen weights are not saved
+        raise ValueError(f"checkpoint {path} does not match the model: unexpected keys {unexpected[:3]}")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])

@@ -63,29 +63,32 @@ def fit(heads: torch.nn.Module, tokens: TokenSet, args: argparse.Namespace, rt: 
     return {"steps": total, "train_positions": len(tokens)}
 
 
+def backbone_tokens(model: Any, model_name: str, pad_id: int, sequences: list, name: str,
+                    args: argparse.Namespace, rt: Runtime) -> TokenSet:
+    """Hidden states and targets of one split, through the cache when --cache-dir is given."""
+    cache = args.cache_dir / name if args.cache_dir is not None else None
+
+    def collect() -> TokenSet:
+        return cached_collect(model, model_name, sequences, args.num_heads, args.hidden_batch_tokens, pad_id, cache)
+
+    tokens = collect() if rt.main or cache is None else None
+    rt.barrier()  # with a cache, the other ranks read what rank 0 wrote
+    return tokens if tokens is not None else collect()
+
+
 def run(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
     dtype = pick_dtype(args.dtype, rt.device)
     model = load_model(args.model, dtype, rt.device)
     tokenizer = load_tokenizer(args.model, dtype)
     train_file, heldout_file = data_files(args.data)
-    train_seqs = encode_file(tokenizer, train_file, args.max_len)
-    heads = build_heads(args, lm_head_weight(model), train_seqs)
-
-    def hidden_of(sequences: list, name: str) -> TokenSet:
-        cache = args.cache_dir / name if args.cache_dir is not None else None
-        if rt.main or cache is None:
-            tokens = cached_collect(model, args.model, sequences, args.num_heads, args.hidden_batch_tokens,
-                                    tokenizer.pad_token_id, cache)
-        rt.barrier()  # other ranks read the cache rank 0 wrote
-        if not rt.main and cache is not None:
-            tokens = cached_collect(model, args.model, sequences, args.num_heads, args.hidden_batch_tokens,
-                                    tokenizer.pad_token_id, cache)
-        return tokens
-
-    train_tokens = hidden_of(train_seqs, "train")
-    heldout_tokens = hidden_of(encode_file(tokenizer, heldout_file, args.max_len), "heldout") if heldout_file else None
+    splits = {"train": encode_file(tokenizer, train_file, args.max_len)}
+    if heldout_file is not None:
+        splits["heldout"] = encode_file(tokenizer, heldout_file, args.max_len)
+    heads = build_heads(args, lm_head_weight(model), splits["train"])
+    tokens = {name: backbone_tokens(model, args.model, tokenizer.pad_token_id, sequences, name, args, rt)
+              for name, sequences in splits.items()}
     del model  # the backbone is no longer needed: all it gives the heads is cached
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
-    extra = fit(heads, train_tokens, args, rt)
-    return save_outputs(heads, heldout_tokens, args, rt, {"stage": 1, **extra})
+    extra = fit(heads, tokens["train"], args, rt)
+    return save_outputs(heads, tokens.get("heldout"), args, rt, {"stage": 1, **extra})

@@ -158,7 +158,8 @@ def fit(backbone: Backbone, heads: torch.nn.Module, sequences: Sequences, pad_id
 def drift(backbone: Backbone, tokenizer: Any, sequences: Sequences, heldout_file: Any, args: argparse.Namespace,
           rt: Runtime) -> dict[str, float]:
     """How far training moved the backbone: KL(original || trained) per answer token on held-out chats, and
-    greedy agreement (128 new tokens from each first held-out prompt: identical outputs, common prefix)."""
+    greedy agreement (--drift-tokens new tokens from each first held-out prompt: identical outputs, common
+    prefix)."""
     kl_sum, positions = 0.0, 0
     for start in range(0, len(sequences), args.batch_size):
         ids, labels, attention = (t.to(rt.device) for t in pad_batch(sequences[start : start + args.batch_size],
@@ -171,9 +172,9 @@ def drift(backbone: Backbone, tokenizer: Any, sequences: Sequences, heldout_file
     from vllm_medusa.training.distill import generate_tokens
 
     prompts = [chat[:1] for chat in load_chats(heldout_file)[: args.drift_prompts]]
-    trained = generate_tokens(backbone.model, tokenizer, prompts, 128, len(prompts) or 1)
+    trained = generate_tokens(backbone.model, tokenizer, prompts, args.drift_tokens, len(prompts) or 1)
     with backbone.as_original() as original:
-        reference = generate_tokens(original, tokenizer, prompts, 128, len(prompts) or 1)
+        reference = generate_tokens(original, tokenizer, prompts, args.drift_tokens, len(prompts) or 1)
     same, prefix = 0, 0.0
     for a, b in zip(trained, reference):
         common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -187,14 +188,13 @@ def run(args: argparse.Namespace, rt: Runtime) -> dict[str, Any]:
     from vllm_medusa.checkpoint import load_heads
 
     backbone = Backbone(args, rt)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, rt.autocast_dtype or torch.float32)
     train_file, heldout_file = data_files(args.data)
     train_seqs = encode_file(tokenizer, train_file, args.max_len)
     if args.init_heads is not None:
         heads, _ = load_heads(args.init_heads, dtype=torch.float32)
     else:
         heads = build_heads(args, lm_head_weight(backbone.model), train_seqs)
-    heads.float()
     extra = fit(backbone, heads, train_seqs, tokenizer.pad_token_id, args, rt)
     heldout = None
     if heldout_file is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vllm_medusa.training.data import HELDOUT_FILE, IGNORE_INDEX, TRAIN_FILE, encode_chat, load_chats
+from vllm_medusa.training.data import HELDOUT_FILE, IGNORE_INDEX, TRAIN_FILE, encode_chat, find_split, load_chats
 from vllm_medusa.training.runtime import Runtime, init_runtime
 
 Sequences = list[tuple[list[int], list[int]]]
@@ -110,14 +110,18 @@ def _parser() -> argparse.ArgumentParser:
                     help="kl: KL(original || trained), for self-distilled data; ce: next-token cross-entropy")
     s2.add_argument("--init-heads", type=Path, default=None, help="start from these (stage 1) heads")
     s2.add_argument("--drift-prompts", type=int, default=32, help="held-out prompts for greedy agreement")
+    s2.add_argument("--drift-tokens", type=int, default=128, help="greedy tokens per drift prompt (MT-Bench: 128)")
     return p
 
 
 def data_files(data: Path) -> tuple[Path, Path | None]:
+    """(train file, held-out file or None) of --data: a distill output dir, or one training file."""
     if data.is_file():
         return data, None
-    heldout = data / HELDOUT_FILE
-    return data / TRAIN_FILE, heldout if heldout.exists() else None
+    train = find_split(data, TRAIN_FILE)
+    if train is None:
+        raise ValueError(f"{data} has no {TRAIN_FILE}(.gz)")
+    return train, find_split(data, HELDOUT_FILE)
 
 
 def main(argv: Sequence[str]) -> int:
