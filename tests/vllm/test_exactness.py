@@ -50,7 +50,7 @@ def medusa(smollm2_f32, oracle_heads, reference):
     llm = LLM(
         model=str(smollm2_f32),
         speculative_config={"method": "medusa", "model": str(oracle_heads)},
-        additional_config={"medusa": {"proposer": ORACLE}},
+        additional_config={"medusa": {"proposer": ORACLE, "adaptive": False}},
         enable_prefix_caching=True,
         **BASE_ENGINE_ARGS,
     )
@@ -153,6 +153,28 @@ def test_attention_calls_do_not_grow_with_requests(medusa, prompts):
     assert calls[1] <= calls[0] * 1.5
 
 
+def test_exact_while_the_tree_changes_every_step(medusa, prompts, reference):
+    """Adaptive speculation changes the tree between steps (down to no tree): output must not change."""
+    def cycle_trees(worker):
+        tree_step = worker.model_runner._medusa
+        full = tree_step.settings.tree
+        family = [full, full.truncated(3), None, full.truncated(7), full.truncated(1)]
+        counter = iter(range(10**9))
+        tree_step.schedule.choose = lambda batch, other_tokens=0: family[next(counter) % len(family)]
+
+    def restore(worker):
+        del worker.model_runner._medusa.schedule.choose  # back to the class method
+
+    medusa.collective_rpc(cycle_trees)
+    reset_tree_stats(medusa)
+    try:
+        outputs = medusa.generate(prompts[:NUM_PROMPTS], _greedy())
+    finally:
+        medusa.collective_rpc(restore)
+    assert _tokens(outputs) == _tokens(reference[:NUM_PROMPTS])
+    assert tree_stats(medusa)["trees"] > 0
+
+
 @pytest.mark.parametrize(
     "engine_args, event",
     [
@@ -168,7 +190,7 @@ def test_exact_under_pressure(smollm2_f32, oracle_heads, prompts, reference, eng
     llm = LLM(
         model=str(smollm2_f32),
         speculative_config={"method": "medusa", "model": str(oracle_heads)},
-        additional_config={"medusa": {"proposer": ORACLE}},
+        additional_config={"medusa": {"proposer": ORACLE, "adaptive": False}},
         **args,
     )
     try:
@@ -186,3 +208,4 @@ def test_exact_under_pressure(smollm2_f32, oracle_heads, prompts, reference, eng
 
 def _counter(llm, name: str) -> float:
     return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
+

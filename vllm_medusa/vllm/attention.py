@@ -1,30 +1,34 @@
 """Tree attention on vLLM's paged KV cache, CPU.
 
-vLLM's CPU kernel masks causally only and packs K/V per ISA, so once tree Medusa is on this backend
-takes over the whole attention of the model (prefill, chunked prefill, roots and tree nodes):
+vLLM's CPU kernel masks causally only, has no log-sum-exp output and packs K/V per ISA inside a
+block, so a tree node's attention (prefix + its ancestors) cannot be computed by it or merged with
+it. Once the runner switches tree mode on, this backend therefore:
 
-* the cache keeps vLLM's shape `[num_blocks, kv_heads, block_size, 2 * head_size]`, but token-major
-  inside a head (`[..., :head_size]` is K, `[..., head_size:]` is V), so any slot can be read or
-  moved with one indexing op, whatever the dtype or ISA;
-* each step, the metadata builder turns the batch into at most two padded groups (short query rows:
-  decode and tree verification; long ones: prefill chunks) with one boolean mask each, built once
-  and shared by all layers;
-* each layer then runs one `scaled_dot_product_attention` call per group: the number of attention
-  calls per layer does not grow with the number of requests.
+* lets vLLM's native kernel do every row as usual (prefill, chunked prefill, plain decode and tree
+  roots are exactly causal, so those rows are already right), writing K/V in vLLM's own layout;
+* keeps a token-major shadow copy of K/V per layer (`[num_slots, kv_heads, 2 * head_size]`), written
+  next to the native cache, so any slot can be read with one indexing op whatever the ISA;
+* recomputes only the tree-node rows of the step, for all requests in one padded, masked
+  `scaled_dot_product_attention` call per layer (the mask is built once per step, shared by all
+  layers): the number of attention calls per layer does not grow with the number of requests.
 
-When the runner has not switched tree mode on (`TREE_MODE.enabled` is False) every method falls
-through to vLLM's own CPU backend, bit for bit.
+A step without trees (e.g. the adaptive tree chose no speculation) costs what plain vLLM costs,
+plus the shadow write. The shadow doubles the KV memory of an engine running tree Medusa.
+When tree mode is off, every method is vLLM's own.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from vllm import _custom_ops as ops
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
     CPUAttentionMetadataBuilder,
 )
 
@@ -35,199 +39,168 @@ class TreeMode:
 
     `num_nodes[i]` is the number of tree nodes scheduled for request i this step (0: no tree), the
     nodes being the last `num_nodes[i]` query rows of the request, after its root.
-    `ancestor_mask` is the full tree's `[N+1, N+1]` mask; a truncated tree is a prefix of it.
+    `ancestor_mask` is the `[N+1, N+1]` mask of this step's tree (scheduler-truncated trees are
+    prefixes of it).
     """
 
     enabled: bool = False
     ancestor_mask: torch.Tensor | None = None
     num_nodes: torch.Tensor | None = None  # [num_reqs] int64
     slot_mapping: torch.Tensor | None = None  # [num_tokens] KV slot of each query row, this step
-    attention_calls: int = 0  # counts SDPA calls, for tests of batching
+    layers: list[tuple[Any, Any, torch.Tensor]] = field(default_factory=list)  # (impl, layer, kv_cache)
+    attention_calls: int = 0  # tree-row SDPA calls, for tests of batching
     disabled_parts: set[str] = field(default_factory=set)  # mutation checks in tests
+
+    def reset(self, enabled: bool) -> None:
+        """A new engine in this process: forget the previous engine's layers and step."""
+        self.enabled = enabled
+        self.ancestor_mask = self.num_nodes = self.slot_mapping = None
+        self.layers.clear()
 
 
 TREE_MODE = TreeMode()
 
-# Rows of at most this many query tokens go into the "short" group; others into the "long" one.
-_SHORT_QUERY = 129
-
 
 @dataclass
-class TreeAttentionGroup:
-    """One padded attention call: G requests, Q query rows, K keys each."""
+class TreeRows:
+    """The tree-node rows of one step as one padded attention problem: G requests, Q nodes, K keys."""
 
-    query_rows: torch.Tensor  # [G, Q] row into the step's query, 0 where padded
+    query_rows: torch.Tensor  # [G, Q] row of each node in the step's query, 0 where padded
     query_valid: torch.Tensor  # [G, Q] bool
-    key_blocks: torch.Tensor  # [G, K] block id of each key
-    key_offsets: torch.Tensor  # [G, K] offset of each key in its block
+    key_slots: torch.Tensor  # [G, K] KV slot of each key, 0 where padded
     mask: torch.Tensor  # [G, 1, Q, K] bool, True = may attend
 
 
 @dataclass
 class TreeAttentionMetadata:
-    num_actual_tokens: int
-    slot_mapping: torch.Tensor  # [num_tokens]
-    groups: list[TreeAttentionGroup]
+    native: CPUAttentionMetadata
+    tree_rows: TreeRows | None
 
 
-def build_groups(
+def build_tree_rows(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     block_size: int,
-    num_nodes: torch.Tensor | None,
-    ancestor_mask: torch.Tensor | None,
-) -> list[TreeAttentionGroup]:
-    """Split a step's requests into padded attention groups with their masks.
+    num_nodes: torch.Tensor,
+    ancestor_mask: torch.Tensor,
+    causal_only: bool = False,
+) -> TreeRows | None:
+    """Queries, keys and mask of every tree-node row of a step, or None when no request has nodes.
 
     query_start_loc: [R+1], seq_lens: [R] (KV length after this step), block_table: [R, max_blocks],
-    num_nodes: [R] tree nodes per request (or None), ancestor_mask: [N+1, N+1].
-    Key k of request i is its k-th KV slot; query row j sits at KV index ctx_i + j.
+    num_nodes: [R], ancestor_mask: [N+1, N+1]. Request i's k-th KV slot holds its k-th token; its last
+    num_nodes[i] query rows are nodes 1..n, the row before them is the root (KV index `root`).
+    Node t sees KV indices <= root (prefix and root) and the nodes u with ancestor_mask[t, u].
     """
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]
-    short = q_lens <= _SHORT_QUERY
-    groups = []
-    for members in (short.nonzero().flatten(), (~short).nonzero().flatten()):
-        if members.numel():
-            groups.append(
-                _build_group(
-                    members, query_start_loc, q_lens, seq_lens, block_table, block_size,
-                    num_nodes, ancestor_mask,
-                )
-            )
-    return groups
+    members = (num_nodes > 0).nonzero().flatten()
+    if members.numel() == 0:
+        return None
+    n = num_nodes[members].long()
+    seq = seq_lens[members].long()
+    q_max, k_max = int(n.max()), int(seq.max())
+    t = torch.arange(1, q_max + 1)  # node index, [Q]
+    k = torch.arange(k_max)  # KV index, [K]
 
+    query_valid = t[None, :] <= n[:, None]
+    first_node_row = query_start_loc[members + 1].long() - n
+    query_rows = torch.where(query_valid, first_node_row[:, None] + t[None, :] - 1, 0)
 
-def _build_group(
-    members: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    q_lens_all: torch.Tensor,
-    seq_lens_all: torch.Tensor,
-    block_table: torch.Tensor,
-    block_size: int,
-    num_nodes_all: torch.Tensor | None,
-    ancestor_mask: torch.Tensor | None,
-) -> TreeAttentionGroup:
-    q_lens = q_lens_all[members].long()
-    seq_lens = seq_lens_all[members].long()
-    ctx = seq_lens - q_lens
-    q_max, k_max = int(q_lens.max()), int(seq_lens.max())
-    j = torch.arange(q_max)
-    k = torch.arange(k_max)
+    key_valid = k[None, :] < seq[:, None]
+    blocks = block_table[members].long().gather(1, (k // block_size)[None, :].expand(len(members), -1))
+    key_slots = torch.where(key_valid, blocks * block_size + (k % block_size)[None, :], 0)
 
-    query_valid = j[None, :] < q_lens[:, None]
-    query_rows = torch.where(query_valid, query_start_loc[members].long()[:, None] + j, 0)
-    key_valid = k[None, :] < seq_lens[:, None]
-    key_blocks = block_table[members].long().gather(1, (k // block_size)[None, :].expand(len(members), -1))
-    key_offsets = (k % block_size)[None, :].expand(len(members), -1)
-
-    q_index = ctx[:, None] + j[None, :]  # KV index of each query row
-    mask = (k[None, None, :] <= q_index[:, :, None]) & key_valid[:, None, :]
-    if num_nodes_all is not None and ancestor_mask is not None:
-        mask &= _tree_visibility(num_nodes_all[members].long(), q_lens, ctx, j, k, ancestor_mask)
+    root = seq - n - 1  # KV index of the root
+    u = k[None, :] - root[:, None]  # [G, K]: 0 = root, 1..n = nodes
+    if causal_only:
+        tree_ok = u[:, None, :] <= t[None, :, None]
+    else:
+        n_max = ancestor_mask.shape[0] - 1
+        tree_ok = ancestor_mask[t.clamp(max=n_max)[None, :, None], u.clamp(0, n_max)[:, None, :]]
+    mask = key_valid[:, None, :] & ((u <= 0)[:, None, :] | (tree_ok & (u <= n[:, None])[:, None, :]))
     # A padded query row attends to key 0 only, so softmax never sees an empty row.
     mask |= (~query_valid)[:, :, None] & (k == 0)[None, None, :]
-    return TreeAttentionGroup(
-        query_rows=query_rows,
-        query_valid=query_valid,
-        key_blocks=torch.where(key_valid, key_blocks, 0),
-        key_offsets=key_offsets,
-        mask=mask[:, None],
-    )
-
-
-def _tree_visibility(
-    num_nodes: torch.Tensor,
-    q_lens: torch.Tensor,
-    ctx: torch.Tensor,
-    j: torch.Tensor,
-    k: torch.Tensor,
-    ancestor_mask: torch.Tensor,
-) -> torch.Tensor:
-    """[G, Q, K] False where a tree node would see a tree node that is not its ancestor.
-
-    Node t (1..n) of request g is query row root + t; tree key u (1..n) is KV index ctx + root + u.
-    """
-    if "tree_mask" in TREE_MODE.disabled_parts:
-        return torch.ones(len(num_nodes), len(j), len(k), dtype=torch.bool)
-    root = q_lens - num_nodes - 1
-    t = j[None, :] - root[:, None]  # [G, Q]
-    u = k[None, :] - (ctx + root)[:, None]  # [G, K]
-    n_max = ancestor_mask.shape[0] - 1
-    t_in = (t >= 1) & (t <= num_nodes[:, None])
-    u_in = (u >= 1) & (u <= num_nodes[:, None])
-    allowed = ancestor_mask[t.clamp(0, n_max)[:, :, None], u.clamp(0, n_max)[:, None, :]]
-    return ~(t_in[:, :, None] & u_in[:, None, :]) | allowed
+    return TreeRows(query_rows, query_valid, key_slots, mask[:, None])
 
 
 class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        native = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if not TREE_MODE.enabled:
-            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+            return native
         m = common_attn_metadata
-        num_reqs = m.num_reqs
         TREE_MODE.slot_mapping = m.slot_mapping
-        groups = build_groups(
-            query_start_loc=m.query_start_loc_cpu[: num_reqs + 1],
-            seq_lens=m.seq_lens[:num_reqs].cpu(),
-            block_table=m.block_table_tensor[:num_reqs].cpu(),
-            block_size=self.block_size,
-            num_nodes=TREE_MODE.num_nodes,
-            ancestor_mask=TREE_MODE.ancestor_mask,
-        )
-        return TreeAttentionMetadata(
-            num_actual_tokens=m.num_actual_tokens,
-            slot_mapping=m.slot_mapping,
-            groups=groups,
-        )
+        tree_rows = None
+        if TREE_MODE.num_nodes is not None and TREE_MODE.ancestor_mask is not None:
+            num_reqs = m.num_reqs
+            tree_rows = build_tree_rows(
+                query_start_loc=m.query_start_loc_cpu[: num_reqs + 1],
+                seq_lens=m.seq_lens[:num_reqs].cpu(),
+                block_table=m.block_table_tensor[:num_reqs].cpu(),
+                block_size=self.block_size,
+                num_nodes=TREE_MODE.num_nodes[:num_reqs],
+                ancestor_mask=TREE_MODE.ancestor_mask,
+                causal_only="tree_mask" in TREE_MODE.disabled_parts,
+            )
+        return TreeAttentionMetadata(native=native, tree_rows=tree_rows)
 
 
 class TreeAttentionImpl(CPUAttentionBackendImpl):
+    shadow: torch.Tensor | None = None  # [num_slots, kv_heads, 2 * head_size], token-major K|V
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if not isinstance(attn_metadata, TreeAttentionMetadata):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        head_size = self.head_size
-        for group in attn_metadata.groups:
-            # kv_cache[block, head, offset] -> [G, K, kv_heads, 2 * head_size]
-            kv = kv_cache[group.key_blocks, :, group.key_offsets]
-            k = kv[..., :head_size].transpose(1, 2)
-            v = kv[..., head_size:].transpose(1, 2)
-            q = query[group.query_rows].transpose(1, 2)  # [G, H, Q, D]
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=group.mask, scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
-            )
-            TREE_MODE.attention_calls += 1
-            rows = group.query_rows[group.query_valid]
-            output.view(-1, self.num_heads, head_size)[rows] = out.transpose(1, 2)[group.query_valid].to(output.dtype)
+        super().forward(layer, query, key, value, kv_cache, attn_metadata.native, output, *args, **kwargs)
+        rows = attn_metadata.tree_rows
+        if rows is None:
+            return output
+        kv = self.shadow[rows.key_slots]  # [G, K, kv_heads, 2D]
+        k = kv[..., : self.head_size].transpose(1, 2)
+        v = kv[..., self.head_size :].transpose(1, 2)
+        q = query[rows.query_rows].transpose(1, 2)  # [G, H, Q, D]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=rows.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        TREE_MODE.attention_calls += 1
+        flat = output.view(-1, self.num_heads, self.head_size)
+        flat[rows.query_rows[rows.query_valid]] = out.transpose(1, 2)[rows.query_valid].to(output.dtype)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if not TREE_MODE.enabled:
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            return
+        if self.shadow is None:
+            num_blocks, num_kv_heads, block_size, width = kv_cache.shape
+            self.shadow = torch.zeros(num_blocks * block_size, num_kv_heads, width, dtype=kv_cache.dtype)
+            TREE_MODE.layers.append((self, layer, kv_cache))
         n = slot_mapping.shape[0]
-        slots = slot_mapping.long()
-        block_size = kv_cache.shape[2]
-        blocks, offsets = slots // block_size, slots % block_size
-        kv_cache[blocks, :, offsets] = torch.cat([key[:n], value[:n]], dim=-1).to(kv_cache.dtype)
+        self.shadow[slot_mapping.long()] = torch.cat([key[:n], value[:n]], dim=-1).to(self.shadow.dtype)
 
 
-def move_kv(kv_caches: list[torch.Tensor], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
-    """Copy the KV of `src_slots` into `dst_slots` in every layer (token-major tree layout).
+def move_kv(src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+    """Copy the KV of `src_slots` into `dst_slots` in every layer, shadow and native cache.
 
-    Reads all sources before writing, so overlapping moves (dst <= src) are safe.
+    Sources are read before anything is written, so overlapping moves (dst <= src) are safe. The
+    native cache is written through vLLM's own writer, so its ISA-specific layout is respected.
     """
     if src_slots.numel() == 0:
         return
-    for cache in kv_caches:
-        block_size = cache.shape[2]
-        cache[dst_slots // block_size, :, dst_slots % block_size] = cache[
-            src_slots // block_size, :, src_slots % block_size
-        ]
+    for impl, layer, kv_cache in TREE_MODE.layers:
+        moved = impl.shadow[src_slots]
+        impl.shadow[dst_slots] = moved
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            moved[..., : impl.head_size].contiguous(), moved[..., impl.head_size :].contiguous(),
+            key_cache, value_cache, dst_slots, layer.isa,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype,
+        )
 
 
 class TreeAttentionBackend(CPUAttentionBackend):
-    """vLLM's CPU backend, with tree attention once the runner switches tree mode on."""
+    """vLLM's CPU backend, with tree-node rows recomputed once the runner switches tree mode on."""
 
     @staticmethod
     def get_impl_cls():

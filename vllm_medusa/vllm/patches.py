@@ -13,6 +13,8 @@ import importlib.util
 import logging
 from typing import Any, Callable
 
+from vllm_medusa.vllm.settings import MedusaConfigError
+
 logger = logging.getLogger("vllm_medusa")
 
 TESTED_VLLM_VERSIONS = ("0.32.0",)
@@ -42,6 +44,8 @@ def install() -> None:
         return
     check_vllm_version()
     _patch_engine_args()
+    _patch_cli()
+    _patch_request_validation()
     _patch_medusa_config()
     _patch_runner()
     _patch_medusa_proposer()
@@ -65,6 +69,7 @@ def _patch_engine_args() -> None:
 
     def make(original: Callable) -> Callable:
         def create_speculative_config(self, target_model_config, target_parallel_config):
+            _fold_spec_flags(self)
             if isinstance(self.speculative_config, dict):
                 self.speculative_config = prepare_speculative_config(
                     self.speculative_config, target_model_config, self.additional_config
@@ -74,6 +79,91 @@ def _patch_engine_args() -> None:
         return create_speculative_config
 
     _wrap(EngineArgs, "create_speculative_config", make)
+
+
+SPEC_FLAGS = (("--spec-method", "method", "spec_method"), ("--spec-model", "model", "spec_model"),
+              ("--spec-tokens", "num_speculative_tokens", "spec_tokens"))
+
+
+def _fold_spec_flags(args: Any) -> None:
+    """vLLM folds `--spec-method/--spec-model/--spec-tokens` into `speculative_config` only inside
+    `create_speculative_config` (vllm/engine/arg_utils.py:2068-2081), after our hook would have run; fold
+    them first for Medusa (same rule: a key given twice is an error), so `--spec-method medusa` finds heads."""
+    if args.speculative_config is not None and not isinstance(args.speculative_config, dict):
+        return
+    config = dict(args.speculative_config or {})
+    if (args.spec_method or config.get("method")) != "medusa":
+        return
+    for flag, key, attr in SPEC_FLAGS:
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if key in config:
+            raise MedusaConfigError(f"{flag} and --speculative-config['{key}'] are mutually exclusive")
+        config[key] = value
+        setattr(args, attr, None)
+    args.speculative_config = config
+
+
+def _patch_cli() -> None:
+    """`--speculative-model` / `--num-speculative-tokens` on vLLM's server parser (see cli_alias).
+    `AsyncEngineArgs.add_cli_args` loads the plugins, then calls `EngineArgs.add_cli_args` (looked up at
+    call time, so this wrapper adds the alias); the parsed alias is folded into `speculative_config`
+    as the parser finishes, where a conflict is still a usage error (exit 2)."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_medusa.vllm import cli_alias
+
+    original_add = EngineArgs.add_cli_args
+
+    def add_cli_args(parser):
+        parser = original_add(parser)
+        if isinstance(parser, FlexibleArgumentParser):  # only these parsers fold the alias
+            cli_alias.add_alias_arguments(parser)
+            cli_alias.install_error_hook()
+        return parser
+
+    def parse(original: Callable) -> Callable:
+        def parse_known_args(self, args=None, namespace=None):
+            namespace, rest = original(self, args, namespace)
+            try:
+                cli_alias.fold_alias(namespace)
+            except MedusaConfigError as error:
+                self.exit(2, f"{self.prog}: error: {error}\n")
+            return namespace, rest
+
+        return parse_known_args
+
+    EngineArgs.add_cli_args = staticmethod(functools.wraps(original_add)(add_cli_args))
+    _wrap(FlexibleArgumentParser, "parse_known_args", parse)
+
+
+def _patch_request_validation() -> None:
+    """Check a request's Medusa options (`vllm_xargs`) in the front end: a bad value is that request's
+    HTTP 400, instead of an exception in the engine's step that would stop the engine for everyone."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from vllm_medusa.vllm.settings import Acceptance, tree_mode_requested
+
+    def make(original: Callable) -> Callable:
+        def _validate_params(self, params, supported_tasks):
+            result = original(self, params, supported_tasks)
+            config = self.vllm_config
+            spec = config.speculative_config
+            if (isinstance(params, SamplingParams) and params.extra_args and spec is not None
+                    and tree_mode_requested(spec.method, config.additional_config)):
+                try:
+                    Acceptance().for_request(params.extra_args)
+                except MedusaConfigError as error:
+                    raise VLLMValidationError(str(error), parameter="vllm_xargs") from None
+            return result
+
+        return _validate_params
+
+    _wrap(InputProcessor, "_validate_params", make)
 
 
 def _patch_medusa_config() -> None:

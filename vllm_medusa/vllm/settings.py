@@ -17,7 +17,7 @@ from vllm_medusa.tree import TreeSpec
 
 ACCEPTANCE_MODES = ("auto", "greedy", "typical", "lossless")
 # Keys accepted in additional_config["medusa"]; anything else is a typo worth an error.
-SERVER_KEYS = {"mode", "tree", "acceptance", "typical_eps", "typical_delta", "proposer", "num_nodes"}
+SERVER_KEYS = {"mode", "tree", "acceptance", "typical_eps", "typical_delta", "proposer", "num_nodes", "adaptive"}
 # Keys accepted in SamplingParams.extra_args.
 REQUEST_KEYS = {"medusa_acceptance", "typical_eps", "typical_delta"}
 DEFAULT_TREE = "medusa-16"
@@ -51,9 +51,17 @@ class Acceptance:
             return self
         return Acceptance(
             mode=str(extra_args.get("medusa_acceptance", self.mode)),
-            typical_eps=float(extra_args.get("typical_eps", self.typical_eps)),
-            typical_delta=float(extra_args.get("typical_delta", self.typical_delta)),
+            typical_eps=_number(extra_args, "typical_eps", self.typical_eps),
+            typical_delta=_number(extra_args, "typical_delta", self.typical_delta),
         )
+
+
+def _number(options: dict[str, Any], key: str, default: float) -> float:
+    value = options.get(key, default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MedusaConfigError(f"{key} must be a number, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class MedusaSettings:
     tree: TreeSpec
     acceptance: Acceptance
     proposer: str | None = None  # "module:attr" factory of a custom proposer (tests use an oracle)
+    adaptive: bool = True  # size each step's tree by the cost model (False: always the whole tree)
 
 
 def server_options(additional_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -134,4 +143,6 @@ def load_settings(heads_dir: str | Path, additional_config: dict[str, Any] | Non
         typical_eps=float(options.get("typical_eps", 0.09)),
         typical_delta=float(options.get("typical_delta", 0.3)),
     )
-    return MedusaSettings(Path(heads_dir), tree, acceptance, options.get("proposer"))
+    return MedusaSettings(
+        Path(heads_dir), tree, acceptance, options.get("proposer"), bool(options.get("adaptive", True))
+    )

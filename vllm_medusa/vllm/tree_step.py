@@ -25,7 +25,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+import time
+
 from vllm_medusa.acceptance import accept_greedy_targets, accept_lossless, accept_typical
+from vllm_medusa.adaptive import AdaptiveTree
 from vllm_medusa.candidates import fill_tree
 from vllm_medusa.heads import MedusaHeads
 from vllm_medusa.tree import TreeSpec
@@ -62,27 +65,41 @@ class _Step:
     num_nodes: np.ndarray  # [R] nodes scheduled per request
     root_rows: np.ndarray  # [R] query row of each request's root (its last row if no nodes)
     fallback: np.ndarray  # [R] bool: sampled by vLLM's sampler
+    stale: np.ndarray  # [R] bool: drafts made with an older tree (request skipped a step): all rejected
+    tree: TreeSpec  # the tree of this step's drafts
+    num_tokens: int  # tokens fed this step, for the cost model
+    started: float  # perf_counter() at layout, for the cost model
 
 
 class TreeStep:
-    def __init__(self, settings: MedusaSettings, heads: MedusaHeads | None, proposer: Proposer | None = None):
+    def __init__(
+        self,
+        settings: MedusaSettings,
+        schedule: AdaptiveTree,
+        heads: MedusaHeads | None,
+        proposer: Proposer | None = None,
+        calibrate: Callable[[Any], Any] | None = None,
+    ):
         self.settings = settings
-        self.tree: TreeSpec = settings.tree
+        self.calibrate = calibrate  # runner -> StepCost, when no cached curve exists
+        self.schedule = schedule
+        self.tree: TreeSpec | None = settings.tree  # the tree of the drafts proposed last
         self.heads = heads
         self.proposer = proposer
-        self.stats = TreeStats(accepted_per_depth=[0] * self.tree.max_depth)
+        self.stats = TreeStats(accepted_per_depth=[0] * settings.tree.max_depth)
+        self._tree_by_req: dict[str, TreeSpec] = {}
         self._step: _Step | None = None
         self._last_positions: np.ndarray | None = None  # [R] tree position of each request's last accepted node
         self._acceptance_by_req: dict[str, Acceptance] = {}
         self._fallback_by_req: dict[str, bool] = {}
-        TREE_MODE.enabled = True
-        TREE_MODE.ancestor_mask = self.tree.ancestor_mask
+        TREE_MODE.reset(enabled=True)
 
     # -- per-request options --------------------------------------------------------------------
     def forget(self, req_ids: set[str]) -> None:
         for req_id in req_ids:
             self._acceptance_by_req.pop(req_id, None)
             self._fallback_by_req.pop(req_id, None)
+            self._tree_by_req.pop(req_id, None)
 
     def _request_acceptance(self, runner: Any, req_id: str) -> Acceptance:
         if req_id not in self._acceptance_by_req:
@@ -106,14 +123,22 @@ class TreeStep:
         query_start = runner.query_start_loc.np[: num_reqs + 1].astype(np.int64)
         root_rows = query_start[1:] - num_nodes - 1
         fallback = np.array([self._request_falls_back(runner, r) for r in req_ids], dtype=bool)
-        self._step = _Step(num_nodes, root_rows, fallback)
+        stale = np.array(
+            [n > 0 and self._tree_by_req.get(r) is not self.tree for r, n in zip(req_ids, num_nodes)], dtype=bool
+        )
+        # With no current tree, only stale drafts can be scheduled; the full tree is wide enough for them.
+        tree = self.tree or self.settings.tree
+        self._step = step = _Step(
+            num_nodes, root_rows, fallback, stale, tree, int(num_scheduled.sum()), time.perf_counter()
+        )
         TREE_MODE.num_nodes = torch.from_numpy(num_nodes)
+        TREE_MODE.ancestor_mask = tree.ancestor_mask
         if num_nodes.any() and "depth_positions" not in TREE_MODE.disabled_parts:
             owners = np.repeat(np.arange(num_reqs), num_nodes)
             node_index = _ranges(num_nodes) + 1  # tree position 1..n of each node row
             rows = torch.from_numpy(np.repeat(root_rows, num_nodes) + node_index)
             roots = torch.from_numpy(root_rows[owners])
-            depths = self.tree.depths[torch.from_numpy(node_index)]
+            depths = step.tree.depths[torch.from_numpy(node_index)]
             runner.positions[rows] = runner.positions[roots] + depths.to(runner.positions.dtype)
 
     # -- 2. verification ------------------------------------------------------------------------
@@ -123,7 +148,7 @@ class TreeStep:
         step = self._step
         assert step is not None
         num_reqs = len(step.num_nodes)
-        width = self.tree.num_nodes + 1
+        width = step.tree.num_nodes + 1
         sampled_rows = np.asarray(spec_meta.cu_num_sampled_tokens.cpu(), dtype=np.int64)
         first_row = sampled_rows - (step.num_nodes + 1)  # logits row of each request's root
 
@@ -131,13 +156,14 @@ class TreeStep:
         owners = np.repeat(np.arange(num_reqs), step.num_nodes)
         node_index = _ranges(step.num_nodes) + 1
         tokens[torch.from_numpy(owners), torch.from_numpy(node_index)] = spec_meta.draft_token_ids.cpu().long()
+        tokens[torch.from_numpy(step.stale)] = -1
         # Logits row of every (request, tree position); positions past a request's nodes repeat its root
         # row (their tokens are -1, so they are never accepted).
         position = np.arange(width)[None, :]
         rows = first_row[:, None] + np.where(position <= step.num_nodes[:, None], position, 0)
         rows = torch.from_numpy(rows)
 
-        out_tokens, num_emitted, last_pos = self._accept(runner, logits, rows, tokens)
+        out_tokens, num_emitted, last_pos = self._accept(runner, step.tree, logits, rows, tokens)
 
         output = torch.full((num_reqs, max(spec_meta.max_spec_len, 0) + 1), -1, dtype=torch.int32)
         cols = min(out_tokens.shape[1], output.shape[1])
@@ -156,7 +182,7 @@ class TreeStep:
         return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs)
 
     def _accept(
-        self, runner: Any, logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
+        self, runner: Any, tree: TreeSpec, logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Accepted path per request: tokens [R, D+1], num_emitted [R], path[..., last] [R]."""
         num_reqs = tokens.shape[0]
@@ -167,7 +193,7 @@ class TreeStep:
         req_ids = runner.input_batch.req_ids[:num_reqs]
         modes = [self._request_acceptance(runner, r) for r in req_ids]
         greedy = temperature < _SAMPLING_EPS
-        out = torch.full((num_reqs, self.tree.max_depth + 1), -1, dtype=torch.long)
+        out = torch.full((num_reqs, tree.max_depth + 1), -1, dtype=torch.long)
         emitted = torch.ones(num_reqs, dtype=torch.long)
         last = torch.zeros(num_reqs, dtype=torch.long)
 
@@ -179,7 +205,7 @@ class TreeStep:
         greedy_idx = greedy.nonzero().flatten()
         if greedy_idx.numel():
             targets = logits.argmax(dim=-1)[rows[greedy_idx]].cpu()
-            put(greedy_idx, accept_greedy_targets(self.tree, tokens[greedy_idx], targets))
+            put(greedy_idx, accept_greedy_targets(tree, tokens[greedy_idx], targets))
         for typical in (False, True):
             idx = torch.tensor(
                 [i for i in range(num_reqs) if not greedy[i] and (modes[i].mode == "typical") == typical],
@@ -188,22 +214,23 @@ class TreeStep:
             if not idx.numel():
                 continue
             sub_logits = _processed_logits(logits, rows[idx], meta, idx)
-            uniforms = _uniforms(runner, idx, self.tree.max_depth + 1)
+            uniforms = _uniforms(runner, idx, tree.max_depth + 1)
             if typical:
                 eps = torch.tensor([modes[i].typical_eps for i in idx.tolist()])
                 delta = torch.tensor([modes[i].typical_delta for i in idx.tolist()])
                 result = accept_typical(
-                    self.tree, tokens[idx], sub_logits, temperature[idx], eps, delta, uniforms=uniforms[:, 0]
+                    tree, tokens[idx], sub_logits, temperature[idx], eps, delta, uniforms=uniforms[:, 0]
                 )
             else:
-                result = accept_lossless(self.tree, tokens[idx], sub_logits, temperature[idx], uniforms)
+                result = accept_lossless(tree, tokens[idx], sub_logits, temperature[idx], uniforms)
             put(idx, result)
         return out, emitted, last
 
     def _record(self, step: _Step, num_emitted: torch.Tensor, last_pos: torch.Tensor) -> None:
-        with_tree = (step.num_nodes > 0) & ~step.fallback
+        with_tree = (step.num_nodes > 0) & ~step.fallback & ~step.stale
         if not with_tree.any():
             return
+        self.schedule.observe_acceptance(step.tree, step.num_nodes[with_tree], last_pos.numpy()[with_tree])
         self.stats.steps += 1
         self.stats.trees += int(with_tree.sum())
         emitted = num_emitted.numpy()[with_tree]
@@ -217,7 +244,7 @@ class TreeStep:
         step, last = self._step, self._last_positions
         if step is None or last is None or "kv_move" in TREE_MODE.disabled_parts:
             return
-        paths = self._paths_to(torch.from_numpy(last))  # [R, D+1] tree positions, -1 padded
+        paths = _paths_to(step.tree, torch.from_numpy(last))  # [R, D+1] tree positions, -1 padded
         depth_index = torch.arange(paths.shape[1])[None, :].expand_as(paths)
         moved = (paths >= 0) & (paths != depth_index)
         if not moved.any():
@@ -227,20 +254,8 @@ class TreeStep:
         slot_mapping = TREE_MODE.slot_mapping.long()
         src = slot_mapping[roots + paths[moved]]
         dst = slot_mapping[roots + depth_index[moved]]
-        move_kv(runner.kv_caches, src, dst)
+        move_kv(src, dst)
         self.stats.kv_moves += int(moved.sum())
-
-    def _paths_to(self, last: torch.Tensor) -> torch.Tensor:
-        """Root-to-node tree positions [R, D+1] ending at each `last` position, -1 padded."""
-        parents = self.tree.parents
-        depths = self.tree.depths
-        paths = torch.full((len(last), self.tree.max_depth + 1), -1, dtype=torch.long)
-        node = last.clone()
-        for _ in range(self.tree.max_depth + 1):
-            valid = node >= 0
-            paths[valid, depths[node[valid]]] = node[valid]
-            node = torch.where(valid, parents[node.clamp(min=0)], -1)
-        return paths
 
     # -- 4. proposal ----------------------------------------------------------------------------
     def propose(
@@ -262,20 +277,25 @@ class TreeStep:
             if toks and not (step is not None and step.fallback[i])
         ]
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
-        if not active:
-            return drafts
-        idx = torch.tensor(active)
-        hidden = sample_hidden_states[torch.from_numpy(hidden_rows[active])]
-        k = self.tree.topk
-        if self.proposer is not None:
-            history = [runner.input_batch.token_ids_cpu[i, : runner.input_batch.num_tokens_no_spec[i]] for i in active]
-            topk = self.proposer(hidden, history, self.tree.max_depth, k)
-        else:
-            topk = self.heads.topk_tokens(hidden.to(self.heads_dtype), k)
-        roots = torch.tensor([sampled_token_ids[i][-1] for i in active])
-        nodes = fill_tree(self.tree, roots, topk.cpu())[:, 1:]
-        for row, i in enumerate(idx.tolist()):
-            drafts[i] = nodes[row].tolist()
+        if self.calibrate is not None:  # first step: measure the step-cost curve once
+            self.schedule.cost, self.calibrate = self.calibrate(runner), None
+        tree = self.schedule.choose(batch=len(active)) if active else None
+        self.tree = tree
+        if tree is not None:
+            hidden = sample_hidden_states[torch.from_numpy(hidden_rows[active])]
+            if self.proposer is not None:
+                history = [runner.input_batch.token_ids_cpu[i, : runner.input_batch.num_tokens_no_spec[i]] for i in active]
+                topk = self.proposer(hidden, history, tree.max_depth, tree.topk)
+            else:
+                topk = self.heads.topk_tokens(hidden.to(self.heads_dtype), tree.topk)
+            roots = torch.tensor([sampled_token_ids[i][-1] for i in active])
+            nodes = fill_tree(tree, roots, topk.cpu())[:, 1:].tolist()
+            req_ids = runner.input_batch.req_ids
+            for row, i in enumerate(active):
+                drafts[i] = nodes[row]
+                self._tree_by_req[req_ids[i]] = tree
+        if step is not None:
+            self.schedule.cost.observe(step.num_tokens, time.perf_counter() - step.started)
         return drafts
 
     @property
@@ -298,6 +318,17 @@ def unsupported_reason(params: Any) -> str | None:
     if getattr(params, "structured_outputs", None) is not None:
         return "structured output"
     return None
+
+
+def _paths_to(tree: TreeSpec, last: torch.Tensor) -> torch.Tensor:
+    """Root-to-node tree positions [R, D+1] ending at each `last` position, -1 padded."""
+    paths = torch.full((len(last), tree.max_depth + 1), -1, dtype=torch.long)
+    node = last.clone()
+    for _ in range(tree.max_depth + 1):
+        valid = node >= 0
+        paths[valid, tree.depths[node[valid]]] = node[valid]
+        node = torch.where(valid, tree.parents[node.clamp(min=0)], -1)
+    return paths
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
