@@ -135,10 +135,7 @@ def timed_chat(llm, messages, params, medusa: bool) -> tuple[list[int], float, f
 
 
 def _reset_stats(worker) -> None:
-    from vllm_medusa.vllm.tree_step import TreeStats
-
-    tree = worker.model_runner._medusa
-    tree.stats = TreeStats(accepted_per_depth=[0] * tree.tree.max_depth)
+    worker.model_runner._medusa.reset_stats()
 
 
 def _read_tau(worker) -> float:

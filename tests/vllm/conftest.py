@@ -56,13 +56,7 @@ def tree_stats(llm) -> dict:
 
 
 def reset_tree_stats(llm) -> None:
-    from vllm_medusa.vllm.tree_step import TreeStats
-
-    def reset(self):
-        tree = self.model_runner._medusa
-        tree.stats = TreeStats(accepted_per_depth=[0] * tree.tree.max_depth)
-
-    llm.collective_rpc(reset)
+    llm.collective_rpc(lambda worker: worker.model_runner._medusa.reset_stats())
 
 
 def shutdown(llm) -> None:
@@ -71,12 +65,16 @@ def shutdown(llm) -> None:
     gc.collect()
 
 
-@pytest.fixture(scope="session")
-def oracle_heads(tmp_path_factory) -> Path:
-    """A heads directory holding only a config (the oracle proposes, no weights needed)."""
-    heads = tmp_path_factory.mktemp("oracle_heads")
+def write_config_heads(heads: Path, tree: list[list[int]]) -> Path:
+    """A heads directory holding only a config with `tree` (a test proposer drafts, no weights needed)."""
     (heads / "config.json").write_text(
-        json.dumps({"model_type": "medusa", "hidden_size": 576, "vocab_size": 49152, "num_heads": 4,
-                    "vllm_medusa": {"tree": ORACLE_TREE}})
+        json.dumps({"model_type": "medusa", "hidden_size": 576, "vocab_size": 49152,
+                    "num_heads": max(len(path) for path in tree), "vllm_medusa": {"tree": tree}})
     )
     return heads
+
+
+@pytest.fixture(scope="session")
+def oracle_heads(tmp_path_factory) -> Path:
+    """A heads directory for the oracle proposer."""
+    return write_config_heads(tmp_path_factory.mktemp("oracle_heads"), ORACLE_TREE)

@@ -34,12 +34,13 @@ class OracleProposer:
         rows = len(history)
         # Wrong tokens: deterministic per position, never the true one (checked below).
         topk = (torch.arange(rows * num_heads * k).view(rows, num_heads, k) * 7919 + 13) % self.vocab
+        rank = min(ORACLE_RANK, k - 1)  # small trees (adaptive) may use only the top-1
         for r, h in enumerate(history):
             truth = self.continuation(np.asarray(h), num_heads)
             for d, token in enumerate(truth):
                 clash = topk[r, d] == token
                 topk[r, d][clash] = (token + 1) % self.vocab
-                topk[r, d, ORACLE_RANK] = token
+                topk[r, d, rank] = token
         return topk
 
 
