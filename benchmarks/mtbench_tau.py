@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
 
     from vllm_medusa.convert import ensure_smollm2
-    from vllm_medusa.demo import default_heads
+    from vllm_medusa.shipped import default_heads
     from vllm_medusa.mtbench import load_mtbench
 
     model_dir = ensure_smollm2(args.dtype)

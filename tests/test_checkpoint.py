@@ -225,12 +225,15 @@ def test_vllm_layout_with_full_rows_and_token_map_keeps_the_mapped_rows(tmp_path
 # ---- export for vLLM's own chain Medusa -------------------------------------------------------------------
 
 
-def test_export_for_vllm_chain_writes_per_head_truncated_heads_with_full_vocabulary(tmp_path):
-    heads = random_heads(token_map=TOKEN_MAP)
+@pytest.mark.parametrize("variant", ["per-head-truncated", "shared-truncated"])
+def test_export_for_vllm_chain_writes_truncated_heads_with_full_vocabulary(tmp_path, variant):
+    shared = variant == "shared-truncated"
+    heads = random_heads(token_map=TOKEN_MAP, shared_lm_head=shared)
     export_for_vllm_chain(heads, tmp_path)
     assert "token_map" not in load_file(tmp_path / "model.safetensors")
     exported, config = load_heads(tmp_path, vocab_size=V)
-    assert (config.truncated_vocab_size, exported.lm_head.shape) == (V, (K, V, H))
+    assert config.truncated_vocab_size == V
+    assert exported.lm_head.shape == ((V, H) if shared else (K, V, H))
     logits = exported(HIDDEN)
     assert torch.equal(logits[..., TOKEN_MAP], heads(HIDDEN))
     unmapped = torch.ones(V, dtype=torch.bool)
@@ -238,9 +241,8 @@ def test_export_for_vllm_chain_writes_per_head_truncated_heads_with_full_vocabul
     assert not logits[..., unmapped].any()
 
 
-@pytest.mark.parametrize("variant", ["per-head", "shared-truncated"])
-def test_export_for_vllm_chain_is_save_heads_when_vllm_can_load_them(tmp_path, variant):
-    heads = random_heads(**VARIANTS[variant])
+def test_export_for_vllm_chain_is_save_heads_without_truncation(tmp_path):
+    heads = random_heads(**VARIANTS["per-head"])
     export_for_vllm_chain(heads, tmp_path / "export")
     save_heads(heads, tmp_path / "saved")
     for name in ("model.safetensors", "config.json"):

@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# The engines of one batch size are alive together: each needs its own engine process.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from vllm_medusa.convert import ensure_smollm2
-    from vllm_medusa.demo import default_heads
+    from vllm_medusa.shipped import default_heads
 
     model_dir = ensure_smollm2(args.dtype)
     heads_dir = args.heads or default_heads(model_dir)
@@ -128,8 +130,9 @@ def run_batch(model_dir, dtype, engine_configs, prompts, batch, temperatures, ma
     engines = {}
     for name, extra in engine_configs.items():
         print(f"[bench] batch {batch}: starting {name}", flush=True)
+        per_request = {"per_request_spec_decode_metrics": "summary"} if extra else {}
         engines[name] = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
-                            max_num_seqs=batch, disable_log_stats=False, **extra)
+                            max_num_seqs=batch, **per_request, **extra)
     results = []
     try:
         for temperature in temperatures:
@@ -138,7 +141,7 @@ def run_batch(model_dir, dtype, engine_configs, prompts, batch, temperatures, ma
                 llm.generate(prompts[: max(batch, 2)], params, use_tqdm=False)  # warm-up
             runs = {name: [] for name in engines}
             latency = {name: [] for name in engines}
-            before = {name: spec_counters(llm) for name, llm in engines.items()}
+            steps = {name: [0, 0] for name in engines}  # verification steps, accepted draft tokens
             for _ in range(repeats):
                 for name, llm in engines.items():
                     start = time.perf_counter()
@@ -146,9 +149,11 @@ def run_batch(model_dir, dtype, engine_configs, prompts, batch, temperatures, ma
                     elapsed = time.perf_counter() - start
                     runs[name].append(sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed)
                     latency[name] += [o.metrics.last_token_ts - o.metrics.queued_ts for o in outputs if o.metrics]
+                    for count in map(verification_counts, outputs):
+                        steps[name] = [a + b for a, b in zip(steps[name], count)]
             for name, llm in engines.items():
-                drafts, accepted = (a - b for a, b in zip(spec_counters(llm), before[name]))
-                tau = 1.0 + accepted / drafts if drafts else 1.0
+                num_steps, accepted = steps[name]
+                tau = 1.0 + accepted / num_steps if num_steps else 1.0
                 results.append(Result(name, batch, temperature, statistics.median(runs[name]),
                                       statistics.median(latency[name]) if latency[name] else float("nan"),
                                       tau, runs[name]))
@@ -162,13 +167,12 @@ def run_batch(model_dir, dtype, engine_configs, prompts, batch, temperatures, ma
     return results
 
 
-def spec_counters(llm) -> tuple[float, float]:
-    """(verification steps with drafts, accepted draft tokens) so far, from vLLM's own counters."""
-    totals = {"vllm:spec_decode_num_drafts": 0.0, "vllm:spec_decode_num_accepted_tokens": 0.0}
-    for metric in llm.get_metrics():
-        if metric.name in totals:
-            totals[metric.name] += getattr(metric, "value", 0.0)
-    return totals["vllm:spec_decode_num_drafts"], totals["vllm:spec_decode_num_accepted_tokens"]
+def verification_counts(output) -> tuple[int, int]:
+    """(verification steps, accepted draft tokens) of one request, from vLLM's per-request spec metrics."""
+    metrics = output.outputs[0].spec_decode_metrics
+    if metrics is None:
+        return 0, 0
+    return sum(metrics.histogram), sum(j * count for j, count in enumerate(metrics.histogram))
 
 
 def report(results: list[Result], args, model_dir: Path, heads_dir: Path, num_prompts: int) -> None:

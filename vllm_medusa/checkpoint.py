@@ -117,15 +117,17 @@ def save_heads(
 def export_for_vllm_chain(heads: MedusaHeads, out_dir: PathLike) -> Path:
     """Write heads so that vLLM 0.32's own chain Medusa can load them; returns out_dir.
 
-    Only per-head LM heads with a truncated vocabulary need this: vLLM sizes per-head LM heads by the full
-    vocabulary and slices token_map rows only for its shared head, so it cannot load them. They are written
-    as full-vocabulary heads: the V' rows scattered to their token ids, every other row zero. vLLM's heads have
-    no bias, and a bias-free row cannot give -inf (w.h changes sign with h), so zero is the closest choice:
-    an unmapped token scores exactly 0, beating the kept tokens only when all of a head's kept logits are
-    negative. vLLM drafts each head's argmax, so such a draft is merely rejected by verification; the
-    output does not change. All other heads are written exactly, as save_heads(fmt="vllm") does.
+    Heads with a truncated vocabulary need this: vLLM 0.32's Medusa loader keeps `token_map` without
+    reporting it as loaded, so its strict check refuses the checkpoint ("Following weights were not
+    initialized from checkpoint: {'token_map'}", model_loader/default_loader.py), and it sizes per-head LM
+    heads by the full vocabulary anyway. They are written as full-vocabulary heads: the V' rows scattered to
+    their token ids, every other row zero. vLLM's heads have no bias, and a bias-free row cannot give -inf
+    (w.h changes sign with h), so zero is the closest choice: an unmapped token scores exactly 0, beating
+    the kept tokens only when all of a head's kept logits are negative. vLLM drafts each head's argmax, so
+    such a draft is merely rejected by verification; the output does not change. Heads without a
+    truncated vocabulary are written exactly, as save_heads(fmt="vllm") does.
     """
-    if heads.token_map is None or heads.shared_lm_head:
+    if heads.token_map is None:
         return save_heads(heads, out_dir)
     return save_heads(_full_vocab_equivalent(heads), out_dir)
 
@@ -379,10 +381,11 @@ def _assemble(config: HeadsConfig, state: dict[str, Tensor], dtype: Optional[tor
 
 
 def _full_vocab_equivalent(heads: MedusaHeads) -> MedusaHeads:
-    """Per-head truncated heads -> full-vocabulary heads: kept rows at their token ids, other rows zero."""
-    lm = heads.lm_head.detach()
-    full = lm.new_zeros(heads.num_heads, heads.vocab_size, heads.hidden_size)
-    full[:, heads.token_map] = lm
+    """Truncated heads (own or shared LM head) -> full-vocabulary heads: kept rows at their token ids, other
+    rows zero."""
+    lm = heads.lm_head.detach()  # [K, V', H], or [V', H] when shared
+    full = lm.new_zeros(*lm.shape[:-2], heads.vocab_size, heads.hidden_size)
+    full[..., heads.token_map, :] = lm
     state = {name: t.detach() for name, t in heads.state_dict().items() if name != _TOKEN_MAP}
     state["lm_head"] = full
     config = dataclasses.replace(heads.config, truncated_vocab_size=heads.vocab_size)

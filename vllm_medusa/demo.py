@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = args.dtype or "bfloat16"
 
     from vllm_medusa.convert import ensure_smollm2
+    from vllm_medusa.shipped import default_heads
 
     print(f"[demo] base model SmolLM2-135M-Instruct ({dtype}) ...", flush=True)
     model_dir = ensure_smollm2(dtype)
@@ -60,37 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(model_dir, heads_dir, dtype, args.prompts, args.max_tokens, args.tree)
     print(format_table(rows, dtype))
     return 0
-
-
-def default_heads(model_dir: Path) -> Path:
-    """The shipped trained heads for SmolLM2, or random heads (made once) if none are shipped."""
-    from vllm_medusa.shipped import shipped_heads_for
-
-    shipped = shipped_heads_for(model_dir)
-    if shipped is not None:
-        return shipped
-    return random_heads(model_dir)
-
-
-def random_heads(model_dir: Path) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from vllm_medusa.checkpoint import save_heads
-    from vllm_medusa.heads import MedusaHeads
-    from vllm_medusa.tree import TreeSpec
-
-    out = model_dir.parent / f"{model_dir.name}-random-heads"
-    if (out / "config.json").is_file():
-        return out
-    print("[demo] no trained heads shipped: using random heads (tau will be low)", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    weight = model.get_output_embeddings().weight.detach()
-    torch.manual_seed(0)
-    heads = MedusaHeads(weight.shape[1], weight.shape[0], num_heads=4, token_map=torch.arange(8192))
-    heads.init_from_lm_head(weight)
-    save_heads(heads, out, tree=TreeSpec.preset("medusa-16"))
-    return out
 
 
 def run(model_dir: Path, heads_dir: Path, dtype: str, num_prompts: int, max_tokens: int, tree: str | None) -> list[Row]:

@@ -51,6 +51,16 @@ def prepare_speculative_config(
 ) -> dict[str, Any]:
     if not tree_mode_requested(spec.get("method"), additional_config):
         return spec
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        # The Triton tree kernels (vllm_medusa.kernels) are not wired into vLLM's GPU backends yet; without
+        # them tree rows would attend causally and output would be wrong, so refuse instead.
+        raise MedusaConfigError(
+            "tree Medusa runs on vLLM's CPU backend only in this release (its GPU attention path is not wired "
+            "into vLLM yet); use additional_config {\"medusa\": {\"mode\": \"chain\"}} for vLLM's own chain "
+            "Medusa on GPUs"
+        )
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
         raise MedusaConfigError(
             "tree Medusa runs on vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER "
