@@ -17,6 +17,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread: otherwise vLLM's CPU worker binds two threads to the two cores and, on a machine
+# shared with other jobs, every small torch op waits for the busy core (measured ~5 ms/op, steps ~8x slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ORACLE = str(Path(__file__).with_name("oracle.py").resolve()) + ":make_oracle"
 # Depth-4 tree whose true path (1, 1, 1, 1) lies on non-first branches (the oracle's rank).
@@ -78,3 +81,21 @@ def write_config_heads(heads: Path, tree: list[list[int]]) -> Path:
 def oracle_heads(tmp_path_factory) -> Path:
     """A heads directory for the oracle proposer."""
     return write_config_heads(tmp_path_factory.mktemp("oracle_heads"), ORACLE_TREE)
+
+
+def shipped_heads_engine(model_dir: Path, medusa_options: dict, **engine_args):
+    """An engine running tree Medusa with the heads shipped for `model_dir` (skips if none are)."""
+    from vllm import LLM
+
+    from vllm_medusa.shipped import shipped_heads_for
+
+    heads = shipped_heads_for(model_dir)
+    if heads is None:
+        pytest.skip("no shipped heads for SmolLM2")
+    return LLM(
+        model=str(model_dir),
+        speculative_config={"method": "medusa", "model": str(heads)},
+        additional_config={"medusa": medusa_options},
+        **engine_args,
+        **BASE_ENGINE_ARGS,
+    )

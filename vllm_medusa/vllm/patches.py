@@ -215,9 +215,11 @@ def _patch_runner() -> None:
     def sample(original):
         def _sample(self, logits, spec_decode_metadata):
             tree = getattr(self, "_medusa", None)
-            if tree is None or spec_decode_metadata is None:
+            if tree is None:
                 return original(self, logits, spec_decode_metadata)
-            output = tree.verify(self, logits, spec_decode_metadata, lambda: original(self, logits, spec_decode_metadata))
+            # Steps without drafts go through the tree step too, so a request's tokens are drawn the
+            # same way whether or not other requests in the step have trees (seeded reproducibility).
+            output = tree.verify(self, logits, spec_decode_metadata)
             tree.compact(self)
             return output
 

@@ -49,6 +49,7 @@ class TreeStats:
     trees: int = 0  # request-steps verified with a tree
     emitted: int = 0  # tokens emitted by those request-steps
     accepted_per_depth: list[int] = field(default_factory=list)  # [d]: paths reaching depth d+1
+    trees_by_rule: dict[str, int] = field(default_factory=dict)  # trees per rule: greedy, lossless, typical
     fallback_steps: int = 0  # request-steps sampled by vLLM's sampler (unsupported options)
     kv_moves: int = 0  # accepted nodes whose KV was moved
 
@@ -86,13 +87,16 @@ class TreeStep:
         self.tree: TreeSpec | None = settings.tree  # the tree of the drafts proposed last
         self.heads = heads
         self.proposer = proposer
-        self.stats = TreeStats(accepted_per_depth=[0] * settings.tree.max_depth)
+        self.reset_stats()
         self._tree_by_req: dict[str, TreeSpec] = {}
         self._step: _Step | None = None
         self._last_positions: np.ndarray | None = None  # [R] tree position of each request's last accepted node
         self._acceptance_by_req: dict[str, Acceptance] = {}
         self._fallback_by_req: dict[str, bool] = {}
         TREE_MODE.reset(enabled=True)
+
+    def reset_stats(self) -> None:
+        self.stats = TreeStats(accepted_per_depth=[0] * self.settings.tree.max_depth)
 
     # -- per-request options --------------------------------------------------------------------
     def forget(self, req_ids: set[str]) -> None:
@@ -142,20 +146,23 @@ class TreeStep:
             runner.positions[rows] = runner.positions[roots] + depths.to(runner.positions.dtype)
 
     # -- 2. verification ------------------------------------------------------------------------
-    def verify(self, runner: Any, logits: torch.Tensor, spec_meta: Any, stock_sample: Callable[[], Any]) -> Any:
+    def verify(self, runner: Any, logits: torch.Tensor, spec_meta: Any) -> Any:
         from vllm.v1.outputs import SamplerOutput
 
         step = self._step
         assert step is not None
         num_reqs = len(step.num_nodes)
-        width = step.tree.num_nodes + 1
-        sampled_rows = np.asarray(spec_meta.cu_num_sampled_tokens.cpu(), dtype=np.int64)
-        first_row = sampled_rows - (step.num_nodes + 1)  # logits row of each request's root
-
+        tree = step.tree if spec_meta is not None else step.tree.truncated(1)  # no drafts: any tree will do
+        width = tree.num_nodes + 1
         tokens = torch.full((num_reqs, width), -1, dtype=torch.long)
-        owners = np.repeat(np.arange(num_reqs), step.num_nodes)
-        node_index = _ranges(step.num_nodes) + 1
-        tokens[torch.from_numpy(owners), torch.from_numpy(node_index)] = spec_meta.draft_token_ids.cpu().long()
+        if spec_meta is None:  # one logits row per request
+            first_row = np.arange(num_reqs, dtype=np.int64)
+        else:
+            sampled_rows = np.asarray(spec_meta.cu_num_sampled_tokens.cpu(), dtype=np.int64)
+            first_row = sampled_rows - (step.num_nodes + 1)  # logits row of each request's root
+            owners = np.repeat(np.arange(num_reqs), step.num_nodes)
+            node_index = _ranges(step.num_nodes) + 1
+            tokens[torch.from_numpy(owners), torch.from_numpy(node_index)] = spec_meta.draft_token_ids.cpu().long()
         tokens[torch.from_numpy(step.stale)] = -1
         # Logits row of every (request, tree position); positions past a request's nodes repeat its root
         # row (their tokens are -1, so they are never accepted).
@@ -163,28 +170,43 @@ class TreeStep:
         rows = first_row[:, None] + np.where(position <= step.num_nodes[:, None], position, 0)
         rows = torch.from_numpy(rows)
 
-        out_tokens, num_emitted, last_pos = self._accept(runner, step.tree, logits, rows, tokens)
+        out_tokens, num_emitted, last_pos, rules = self._accept(runner, tree, step.fallback, logits, rows, tokens)
 
-        output = torch.full((num_reqs, max(spec_meta.max_spec_len, 0) + 1), -1, dtype=torch.int32)
+        max_spec_len = 0 if spec_meta is None else max(spec_meta.max_spec_len, 0)
+        output = torch.full((num_reqs, max_spec_len + 1), -1, dtype=torch.int32)
         cols = min(out_tokens.shape[1], output.shape[1])
         output[:, :cols] = out_tokens[:, :cols].to(torch.int32)
         logprobs = None
         if step.fallback.any():
-            stock = stock_sample()
+            # What plain decoding does: vLLM's sampler on each request's last row (a fallback row's only
+            # row). Not vLLM's rejection sampler: it would treat the other requests' trees as chains.
+            last_rows = torch.from_numpy(first_row + step.num_nodes)
+            runner.input_batch.update_async_output_token_ids()  # as GPUModelRunner._sample does
+            plain = runner.sampler(logits=logits[last_rows], sampling_metadata=runner.input_batch.sampling_metadata)
             fallback = torch.from_numpy(step.fallback)
-            output[fallback] = stock.sampled_token_ids[fallback].cpu().to(torch.int32)
-            logprobs = stock.logprobs_tensors
+            output[fallback, 0] = plain.sampled_token_ids[fallback, 0].cpu().to(torch.int32)
+            if plain.logprobs_tensors is not None:
+                logprobs = _spread_rows(plain.logprobs_tensors, output.shape[1])
             last_pos[fallback] = 0
-            self.stats.fallback_steps += int(step.fallback.sum())
+            batch = runner.input_batch
+            decoding = batch.num_computed_tokens_cpu[:num_reqs] >= batch.num_prompt_tokens[:num_reqs]
+            self.stats.fallback_steps += int((step.fallback & decoding).sum())
 
         self._last_positions = last_pos.numpy()
-        self._record(step, num_emitted, last_pos)
+        self._record(step, num_emitted, last_pos, rules)
         return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs)
 
     def _accept(
-        self, runner: Any, tree: TreeSpec, logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Accepted path per request: tokens [R, D+1], num_emitted [R], path[..., last] [R]."""
+        self,
+        runner: Any,
+        tree: TreeSpec,
+        fallback: np.ndarray,
+        logits: torch.Tensor,
+        rows: torch.Tensor,
+        tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+        """Accepted path per request: tokens [R, D+1], num_emitted [R], path[..., last] [R], rule name [R].
+        Fallback rows are left to vLLM's sampler (no work or random draws spent on them)."""
         num_reqs = tokens.shape[0]
         meta = runner.input_batch.sampling_metadata
         temperature = (
@@ -193,6 +215,9 @@ class TreeStep:
         req_ids = runner.input_batch.req_ids[:num_reqs]
         modes = [self._request_acceptance(runner, r) for r in req_ids]
         greedy = temperature < _SAMPLING_EPS
+        ours = torch.from_numpy(~fallback)
+        rules = np.array(["greedy" if g else ("typical" if m.mode == "typical" else "lossless")
+                          for g, m in zip(greedy.tolist(), modes)])
         out = torch.full((num_reqs, tree.max_depth + 1), -1, dtype=torch.long)
         emitted = torch.ones(num_reqs, dtype=torch.long)
         last = torch.zeros(num_reqs, dtype=torch.long)
@@ -202,31 +227,30 @@ class TreeStep:
             emitted[members] = result.num_emitted
             last[members] = result.path.gather(1, (result.num_emitted - 1)[:, None]).squeeze(1)
 
-        greedy_idx = greedy.nonzero().flatten()
+        greedy_idx = (greedy & ours).nonzero().flatten()
         if greedy_idx.numel():
             targets = logits.argmax(dim=-1)[rows[greedy_idx]].cpu()
             put(greedy_idx, accept_greedy_targets(tree, tokens[greedy_idx], targets))
         for typical in (False, True):
             idx = torch.tensor(
-                [i for i in range(num_reqs) if not greedy[i] and (modes[i].mode == "typical") == typical],
+                [i for i in range(num_reqs) if ours[i] and not greedy[i] and (modes[i].mode == "typical") == typical],
                 dtype=torch.long,
             )
             if not idx.numel():
                 continue
-            sub_logits = _processed_logits(logits, rows[idx], meta, idx)
+            sub_logits = _processed_logits(logits, rows[idx], meta, idx, temperature[idx])
+            unit = torch.ones(len(idx))  # the temperature is already applied
             uniforms = _uniforms(runner, idx, tree.max_depth + 1)
             if typical:
                 eps = torch.tensor([modes[i].typical_eps for i in idx.tolist()])
                 delta = torch.tensor([modes[i].typical_delta for i in idx.tolist()])
-                result = accept_typical(
-                    tree, tokens[idx], sub_logits, temperature[idx], eps, delta, uniforms=uniforms[:, 0]
-                )
+                result = accept_typical(tree, tokens[idx], sub_logits, unit, eps, delta, uniforms=uniforms[:, 0])
             else:
-                result = accept_lossless(tree, tokens[idx], sub_logits, temperature[idx], uniforms)
+                result = accept_lossless(tree, tokens[idx], sub_logits, unit, uniforms)
             put(idx, result)
-        return out, emitted, last
+        return out, emitted, last, rules
 
-    def _record(self, step: _Step, num_emitted: torch.Tensor, last_pos: torch.Tensor) -> None:
+    def _record(self, step: _Step, num_emitted: torch.Tensor, last_pos: torch.Tensor, rules: np.ndarray) -> None:
         with_tree = (step.num_nodes > 0) & ~step.fallback & ~step.stale
         if not with_tree.any():
             return
@@ -237,6 +261,8 @@ class TreeStep:
         self.stats.emitted += int(emitted.sum())
         for d in range(len(self.stats.accepted_per_depth)):
             self.stats.accepted_per_depth[d] += int((emitted - 1 > d).sum())
+        for rule, count in zip(*np.unique(rules[with_tree], return_counts=True)):
+            self.stats.trees_by_rule[str(rule)] = self.stats.trees_by_rule.get(str(rule), 0) + int(count)
 
     # -- 3. KV compaction -----------------------------------------------------------------------
     def compact(self, runner: Any, path_positions: torch.Tensor | None = None) -> None:
@@ -331,6 +357,21 @@ def _paths_to(tree: TreeSpec, last: torch.Tensor) -> torch.Tensor:
     return paths
 
 
+def _spread_rows(tensors: Any, width: int) -> Any:
+    """Logprobs of one token per request -> the layout of a speculative step's output (one row per
+    output column, [R * width, ...]), request i's token at row i * width."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    def spread(values: torch.Tensor) -> torch.Tensor:
+        rows = values.new_zeros((values.shape[0] * width, *values.shape[1:]))
+        rows[::width] = values
+        return rows
+
+    return LogprobsTensors(
+        spread(tensors.logprob_token_ids), spread(tensors.logprobs), spread(tensors.selected_token_ranks)
+    )
+
+
 def _ranges(counts: np.ndarray) -> np.ndarray:
     """Concatenated aranges: [2, 0, 3] -> [0, 1, 0, 1, 2]."""
     total = int(counts.sum())
@@ -340,12 +381,15 @@ def _ranges(counts: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts
 
 
-def _processed_logits(logits: torch.Tensor, rows: torch.Tensor, meta: Any, idx: torch.Tensor) -> torch.Tensor:
-    """[G, N+1, V] float32 logits of sampled requests, with their top-k / top-p applied."""
+def _processed_logits(
+    logits: torch.Tensor, rows: torch.Tensor, meta: Any, idx: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
+    """[G, N+1, V] float32 logits of sampled requests as vLLM samples them: divided by the temperature,
+    then top-k / top-p (in this order, as in vLLM's sampler: the top-p set depends on the temperature)."""
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
-    sub = logits[rows.flatten()].float()
     per_row = rows.shape[1]
+    sub = logits[rows.flatten()].float() / temperature.repeat_interleave(per_row)[:, None]
     top_k = None if meta.top_k is None else meta.top_k[idx].repeat_interleave(per_row)
     top_p = None if meta.top_p is None else meta.top_p[idx].repeat_interleave(per_row)
     if top_k is not None or top_p is not None:
@@ -354,11 +398,32 @@ def _processed_logits(logits: torch.Tensor, rows: torch.Tensor, meta: Any, idx: 
 
 
 def _uniforms(runner: Any, idx: torch.Tensor, width: int) -> torch.Tensor:
-    """[G, width] uniforms; a seeded request draws from its own generator, so its output does not
-    depend on which other requests share the batch."""
-    generators = runner.input_batch.sampling_metadata.generators
-    uniforms = torch.rand(len(idx), width)
+    """[G, width] float64 uniforms for the draws at depths 0..width-1 of each request's step.
+
+    A seeded request's draw for its j-th output token uses a uniform that depends on (seed, j) only:
+    lossless acceptance emits token j = inverse CDF of p(. | tokens before j) at that uniform whether
+    token j is accepted from the tree or drawn as the bonus, so its tokens do not depend on the batch,
+    the tree, or how tokens group into steps."""
+    batch = runner.input_batch
+    uniforms = torch.rand(len(idx), width, dtype=torch.float64)
     for row, i in enumerate(idx.tolist()):
-        if i in generators:
-            uniforms[row] = torch.rand(width, generator=generators[i])
+        seed = runner.requests[batch.req_ids[i]].sampling_params.seed
+        if seed is not None:
+            position = int(batch.num_tokens_no_spec[i] - batch.num_prompt_tokens[i])  # output tokens so far
+            uniforms[row] = _seeded_uniforms(seed, position, width)
     return uniforms
+
+
+def _seeded_uniforms(seed: int, position: int, width: int) -> torch.Tensor:
+    """Uniforms in [0, 1) for output positions position..position+width-1: splitmix64 of (seed, position)."""
+    stream = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+    keys = stream + np.arange(position, position + width, dtype=np.uint64)
+    return torch.from_numpy((_splitmix64(keys) >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mixer (Steele et al.'s SplitMix64 finaliser); uint64 arithmetic wraps."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
