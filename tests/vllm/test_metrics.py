@@ -38,7 +38,7 @@ def medusa(smollm2_f32):
 
 
 @pytest.fixture(scope="module")
-def requests(smollm2_f32) -> tuple[list[str], list]:
+def batch(smollm2_f32) -> tuple[list[str], list]:
     """Greedy and sampled requests in one batch."""
     from vllm import SamplingParams
 
@@ -69,8 +69,8 @@ def delta(before: dict, after: dict) -> dict[str, object]:
     return out
 
 
-def test_vllm_counters_agree_with_tree_stats_and_outputs(medusa, requests):
-    prompts, params = requests
+def test_vllm_counters_agree_with_tree_stats_and_outputs(medusa, batch):
+    prompts, params = batch
     before = spec_snapshot(medusa)
     reset_tree_stats(medusa)
     outputs = medusa.generate(prompts, params, use_tqdm=False)
@@ -103,9 +103,9 @@ def test_vllm_counters_agree_with_tree_stats_and_outputs(medusa, requests):
     assert counts["vllm:generation_tokens"] == len(outputs) + drafts + accepted - sum(cut)
 
 
-def test_log_line_shows_tau_and_per_depth_acceptance(medusa, requests, monkeypatch):
+def test_log_line_shows_tau_and_per_depth_acceptance(medusa, batch, monkeypatch):
     """vLLM's periodic "SpecDecoding metrics" line (SpecDecodingLogging) carries tau and per-depth rates."""
-    prompts, params = requests
+    prompts, params = batch
     engine = medusa.llm_engine
     engine.do_log_stats()  # flush what earlier steps left in the logger
     monkeypatch.setattr(engine, "do_log_stats_with_interval", lambda: None)  # one line for this batch only

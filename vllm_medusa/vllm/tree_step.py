@@ -9,12 +9,14 @@ wrong, at four points of `GPUModelRunner`'s step (see `patches.py` for where eac
 2. `verify`    instead of the rejection sampler: accept the best path per request (greedy, typical
                or lossless), return it chain-shaped `[num_reqs, max_drafts + 1]` (path tokens,
                bonus, -1 padding) so the scheduler advances `num_computed_tokens` by the path length.
+               Steps without drafts come here too, so every token of a request is drawn the same way.
 3. `compact`   right after: copy the KV of the accepted nodes into the slots that follow the root,
                where the next step expects them.
 4. `propose`   instead of vLLM's chain drafter: heads' top-k at the last accepted node -> tree tokens.
 
 Requests whose options the tree path cannot honour (penalties, logprobs, bad words, structured
-output...) get no drafts and are sampled by vLLM's own sampler: plain decoding, counted.
+output...) get no drafts and are sampled by vLLM's own sampler, one row per request as in plain
+decoding: counted in `TreeStats.fallback_steps`.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class TreeStats:
     emitted: int = 0  # tokens emitted by those request-steps
     accepted_per_depth: list[int] = field(default_factory=list)  # [d]: paths reaching depth d+1
     trees_by_rule: dict[str, int] = field(default_factory=dict)  # trees per rule: greedy, lossless, typical
-    fallback_steps: int = 0  # request-steps sampled by vLLM's sampler (unsupported options)
+    fallback_steps: int = 0  # decode steps of requests left to vLLM's sampler (unsupported options)
     kv_moves: int = 0  # accepted nodes whose KV was moved
 
     @property
