@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vllm_medusa.mtbench import load_mtbench
-from vllm_medusa.reference import GenerationResult, MedusaGenerator, plain_generate
+from vllm_medusa.reference import GenerationResult, MedusaGenerator, StaticDecode, plain_generate
 from vllm_medusa.tree import TreeSpec
 
 NEW_TOKENS = 32
@@ -88,6 +88,27 @@ def test_plain_generate_matches_hf(lm, prompts, references) -> None:
         assert result == GenerationResult(reference[:NEW_TOKENS], NEW_TOKENS - 1, 1.0, [])
 
 
+def test_static_decode_batch_of_mixed_lengths_matches_hf(lm, prompts, references) -> None:
+    """Left-padded rows of different lengths, decoded together, each equal their own greedy continuation."""
+    model, tokenizer = lm
+    rows = [prompts[0], prompts[1], prompts[0][: len(prompts[0]) // 2]]
+    with torch.inference_mode():
+        short = model.generate(torch.tensor([rows[2]]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(rows[2]):]
+    expected = [references[0][:NEW_TOKENS], references[1][:NEW_TOKENS], short.tolist()]  # short may end at EOS
+    width = max(map(len, rows))
+    padding = torch.tensor([width - len(r) for r in rows])
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows])
+    with torch.inference_mode():
+        step = StaticDecode(model, input_ids, NEW_TOKENS, padding=padding)
+        tokens = [step.logits.argmax(-1)]
+        for _ in range(NEW_TOKENS - 1):
+            tokens.append(step(tokens[-1]).argmax(-1))
+        decoded = torch.stack(tokens, 1).tolist()
+        assert [row[: len(want)] for row, want in zip(decoded, expected)] == expected
+        with pytest.raises(ValueError, match="full"):
+            step(tokens[-1]), step(tokens[-1])
+
+
 # Accepted paths that are not the tree's first branch, so cache compaction must gather scattered positions.
 @pytest.mark.parametrize(("tree_size", "ranks"), [(64, (0, 0, 0, 1)), (32, (1, 0, 0)), (16, (0, 1))])
 def test_oracle_greedy_matches_hf(lm, prompts, references, tree_size: int, ranks: tuple[int, ...]) -> None:
@@ -163,3 +184,30 @@ def test_bad_requests_raise(lm, prompts) -> None:
         plain_generate(model, [], 4)
     with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         plain_generate(model, prompts[0], 4, cuda_graph=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_medusa_equals_eager_and_plain() -> None:
+    """The captured step (propose, verify, accept, move KV) gives the eager step's tokens and steps, and plain
+    greedy decoding's tokens. Heads start as the LM head (each proposes the root's successor again), and a
+    small random model repeats itself soon, so paths of depth >= 1 get accepted and the KV move is exercised."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vllm_medusa.heads import MedusaHeads
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = LlamaForCausalLM(config).cuda().eval()
+    heads = MedusaHeads(64, 64, 4).cuda().eval()
+    heads.init_from_lm_head(model.lm_head.weight.detach())
+    tree = TreeSpec.preset(16)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (5, 37, 100)]
+    for ids in prompts:
+        plain = plain_generate(model, ids, 96)
+        eager = MedusaGenerator(model, heads, tree, cuda_graph=False).generate(ids, 96)
+        graphed = MedusaGenerator(model, heads, tree, cuda_graph=True).generate(ids, 96)
+        assert graphed == eager
+        assert graphed.tokens == plain.tokens
+    assert graphed.tau > 1.2, "no path was accepted: the KV move went untested"

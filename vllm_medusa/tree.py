@@ -8,6 +8,7 @@ always comes before its children and the first n nodes of any tree form a tree t
 
 from __future__ import annotations
 
+import copy
 import heapq
 import json
 import numbers
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 RankPath = tuple[int, ...]
+_TENSOR_FIELDS = ("parents", "depths", "ranks", "ancestor_mask", "paths", "children")
 
 # The Medusa reference tree `mc_sim_7b_63`, listed in the order its greedy construction added the nodes, so
 # every prefix of it is prefix-closed. The 64th node, (1, 7), continues its (1, i) run.
@@ -63,6 +65,13 @@ class TreeSpec:
         object.__setattr__(self, "choices", choices)
         for name, value in _index_tensors(choices).items():
             object.__setattr__(self, name, value)
+
+    def to(self, device: torch.device | str) -> TreeSpec:
+        """The same tree with its index tensors on `device` (a CUDA-graph step may not copy them there)."""
+        moved = copy.copy(self)
+        for name in _TENSOR_FIELDS:
+            object.__setattr__(moved, name, getattr(self, name).to(device))
+        return moved
 
     @classmethod
     def from_choices(cls, choices: Sequence[Sequence[int]]) -> TreeSpec:
