@@ -337,7 +337,7 @@ def _folded_gqa_attention(
         )[None, None]
     mask = attention_mask[..., : key.shape[2]].repeat(1, 1, group, 1)
     out = torch.nn.functional.scaled_dot_product_attention(folded, key, value, attn_mask=mask, scale=scaling)
-    return out.view(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+    return out.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
 def _lm_head(model: nn.Module, hidden: Tensor) -> Tensor:
