@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TARGET  ?= cpu
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: demo test test-full test-gpu bench clean
+.PHONY: demo test test-full test-gpu test-load bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 test-full: $(STAMP)
 	$(PYTEST) -q -m "not gpu" --durations=25
+
+# the serving load test at full size: 200 requests, 64 in flight (make test runs it with 50)
+test-load: $(STAMP)
+	MEDUSA_LOAD_REQUESTS=200 $(PYTEST) -q -s tests/vllm/test_load.py
 
 test-gpu: $(STAMP)
 	$(PYTEST) -q -m gpu

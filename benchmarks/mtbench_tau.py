@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", default="4,16,32,64")
     parser.add_argument("--heads", type=Path, default=None)
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                        help="default: the fast dtype of this machine (vllm_medusa.hardware.fast_dtype)")
     parser.add_argument("--questions", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mtbench_tau.json"))
@@ -37,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_medusa.shipped import default_heads
     from vllm_medusa.mtbench import load_mtbench
 
+    from vllm_medusa.hardware import fast_dtype
+
+    args.dtype = args.dtype or fast_dtype()
     model_dir = ensure_smollm2(args.dtype)
     heads_dir = args.heads or default_heads(model_dir)
     questions = load_mtbench(limit=args.questions)

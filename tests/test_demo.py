@@ -22,7 +22,7 @@ def test_demo_smoke(smollm2_f32):
     assert result.returncode == 0, result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ") and "|---" not in line]
     assert len(table) == 3  # header + 2 prompts
-    summary = re.search(r"mean tau ([\d.]+), mean speedup ([\d.]+)x, (\d+)/(\d+) outputs identical", result.stdout)
+    summary = re.search(r"mean tau ([\d.]+) \(tokens per step with a tree\), mean speedup ([\d.]+)x, (\d+)/(\d+) outputs identical", result.stdout)
     assert summary, result.stdout[-2000:]
     tau, _, same, total = float(summary[1]), summary[2], int(summary[3]), int(summary[4])
     assert tau >= 1.0

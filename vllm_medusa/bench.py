@@ -58,7 +58,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--temperatures", default="0,0.7")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", default="plain,chain,ngram,tree-16,tree-32,adaptive")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
+                        help="default: the fast dtype of this machine (vllm_medusa.hardware.fast_dtype)")
     parser.add_argument("--heads", type=Path, default=None, help="default: the shipped SmolLM2 heads")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args(argv)
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_medusa.convert import ensure_smollm2
     from vllm_medusa.shipped import default_heads
 
+    from vllm_medusa.hardware import fast_dtype
+
+    args.dtype = args.dtype or fast_dtype()
     model_dir = ensure_smollm2(args.dtype)
     heads_dir = args.heads or default_heads(model_dir)
     num_prompts = args.prompts or (80 if args.full else 24)

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_medusa.hardware import fast_dtype
+
 # In-process engines start in seconds; must be set before vLLM is imported.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -27,7 +29,7 @@ class Row:
     question_id: int
     category: str
     tokens: int
-    tau: float
+    tau: float | None  # None: the adaptive schedule verified no tree for this prompt
     plain_tps: float
     medusa_tps: float
     match: bool
@@ -38,7 +40,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=6, help="MT-Bench questions (first turns)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="default: bfloat16 (the fast dtype on this CPU); float32 for exact matches")
+                        help="default: the fast dtype of this machine (bfloat16 with AMX or CUDA, else float32); "
+                        "float32 for exact matches")
     parser.add_argument("--heads", type=Path, default=None, help="heads directory (default: the shipped ones)")
     parser.add_argument("--tree", default=None, help="tree preset or size (default: the heads' own tree)")
     parser.add_argument("--smoke", action="store_true", help="2 prompts, 24 tokens, float32: the test suite's check")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.prompts, args.max_tokens, args.dtype = 2, 24, args.dtype or "float32"
-    dtype = args.dtype or "bfloat16"
+    dtype = args.dtype or fast_dtype()
 
     from vllm_medusa.convert import ensure_smollm2
     from vllm_medusa.shipped import default_heads
@@ -94,7 +97,7 @@ def run(model_dir: Path, heads_dir: Path, dtype: str, num_prompts: int, max_toke
     return rows
 
 
-def timed_chat(llm, messages, params, medusa: bool) -> tuple[list[int], float, float]:
+def timed_chat(llm, messages, params, medusa: bool) -> tuple[list[int], float, float | None]:
     if medusa:
         llm.collective_rpc(_reset_stats)
     start = time.perf_counter()
@@ -108,8 +111,10 @@ def _reset_stats(worker) -> None:
     worker.model_runner._medusa.reset_stats()
 
 
-def _read_tau(worker) -> float:
-    return worker.model_runner._medusa.stats.tau
+def _read_tau(worker) -> float | None:
+    """Tokens per step with a tree; None when the adaptive schedule chose no tree at all."""
+    stats = worker.model_runner._medusa.stats
+    return stats.tau if stats.trees else None
 
 
 def format_table(rows: list[Row], dtype: str) -> str:
@@ -121,13 +126,14 @@ def format_table(rows: list[Row], dtype: str) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.question_id} | {r.category} | {r.tokens} | {r.tau:.2f} | {r.plain_tps:.1f} | "
+            f"| {r.question_id} | {r.category} | {r.tokens} | {'-' if r.tau is None else f'{r.tau:.2f}'} | "
+            f"{r.plain_tps:.1f} | "
             f"{r.medusa_tps:.1f} | {r.medusa_tps / r.plain_tps:.2f}x | {'yes' if r.match else 'no'} |"
         )
-    total_tokens = sum(r.tokens for r in rows)
-    mean_tau = sum(r.tau * r.tokens for r in rows) / max(total_tokens, 1)
+    with_tree = [r for r in rows if r.tau is not None]
+    mean_tau = sum(r.tau * r.tokens for r in with_tree) / max(sum(r.tokens for r in with_tree), 1)
     speedup = sum(r.medusa_tps / r.plain_tps for r in rows) / max(len(rows), 1)
-    lines.append(f"\nmean tau {mean_tau:.2f}, mean speedup {speedup:.2f}x, "
+    lines.append(f"\nmean tau {mean_tau:.2f} (tokens per step with a tree), mean speedup {speedup:.2f}x, "
                  f"{sum(r.match for r in rows)}/{len(rows)} outputs identical")
     if dtype == "bfloat16":
         lines.append("(bfloat16: different batch shapes round differently, so long outputs may diverge; "

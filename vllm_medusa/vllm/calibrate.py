@@ -49,3 +49,42 @@ def load_or_measure(runner: Any) -> StepCost:
         cost = measure(runner)
         cost.save(path, {"model": str(runner.vllm_config.model_config.model)})
     return cost
+
+
+def _measure_and_save(worker: Any, repeats: int) -> dict[str, Any]:
+    runner = worker.model_runner
+    cost = measure(runner, repeats)
+    path = cache_path(runner.vllm_config)
+    cost.save(path, {"model": str(runner.vllm_config.model_config.model), "command": "vllm-medusa calibrate"})
+    return {"path": str(path), **cost.to_json()}
+
+
+def main(argv: list[str]) -> int:
+    """`vllm-medusa calibrate BASE`: measure the step-cost curve now and cache it for the adaptive tree."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="vllm-medusa calibrate",
+        description="Measure t(tokens), the model's step time by tokens in the step, on this machine, and cache it "
+        "where engines with the same model, dtype and tensor parallelism read it at start-up (otherwise the "
+        "first Medusa step measures it). Run it on an idle machine: a busy one makes every tree look costly.",
+    )
+    parser.add_argument("model", help="base model directory (as given to vLLM)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5, help="timings per size (the median is kept)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the measuring function runs in-process
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm import LLM
+
+    llm = LLM(model=args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
+              max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=True)
+    result = llm.collective_rpc(_measure_and_save, args=(args.repeats,))[0]
+    base = result["seconds"][0]
+    print("| tokens in the step | ms | relative to 1 token |\n|---|---|---|")
+    for size, seconds in zip(result["sizes"], result["seconds"]):
+        print(f"| {size} | {seconds * 1e3:.1f} | {seconds / base:.2f}x |")
+    print(f"cached in {result['path']}")
+    return 0
