@@ -4,32 +4,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from heads_fixtures import H, K, TOKEN_MAP, V, VARIANTS, random_heads
 
 from vllm_medusa.checkpoint import HeadsLoadError, export_for_vllm_chain, load_heads, save_heads
 from vllm_medusa.heads import HeadsConfig, MedusaHeads
 
-H, V, K = 32, 100, 3
-TOKEN_MAP = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:40]
 HIDDEN = torch.randn(4, H, generator=torch.Generator().manual_seed(2))
-VARIANTS = {
-    "per-head": {},
-    "shared": {"shared_lm_head": True},
-    "truncated": {"token_map": TOKEN_MAP},
-    "shared-truncated": {"shared_lm_head": True, "token_map": TOKEN_MAP},
-    "2-layers-no-bias-scaled": {"num_layers": 2, "bias": False, "logit_scale": 0.5},
-}
-
-
-def random_heads(**kwargs) -> MedusaHeads:
-    """Heads with every weight random (fresh residual layers are zero, which would hide mix-ups)."""
-    torch.manual_seed(0)
-    heads = MedusaHeads(H, V, K, **kwargs)
-    with torch.no_grad():
-        for param in heads.parameters():
-            param.normal_(0.0, 0.3)
-    return heads
 
 
 class RefResBlock(nn.Module):
@@ -357,3 +342,31 @@ def test_token_map_without_a_vocabulary_size(tmp_path):
         load_heads(tmp_path)
     loaded, _ = load_heads(tmp_path, vocab_size=V)  # the base model's vocabulary is the full one
     assert torch.equal(loaded(HIDDEN), heads(HIDDEN))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_loader_fuzz_any_damage_gives_heads_or_a_clear_error(tmp_path_factory, data):
+    """Random damage to a saved heads directory (bytes flipped or cut in the weights, config fields set to
+    odd values) either still loads into well-formed heads or raises HeadsLoadError: never another exception."""
+    directory = tmp_path_factory.mktemp("fuzz")
+    save_heads(random_heads(**VARIANTS[data.draw(st.sampled_from(sorted(VARIANTS)))]), directory)
+    weights, config_file = directory / "model.safetensors", directory / "config.json"
+    blob = bytearray(weights.read_bytes())
+    for _ in range(data.draw(st.integers(0, 4))):
+        blob[data.draw(st.integers(0, len(blob) - 1))] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    weights.write_bytes(bytes(blob))
+    config = json.loads(config_file.read_text())
+    odd = st.one_of(st.none(), st.integers(-3, 10**6), st.text(max_size=3), st.lists(st.integers(-1, 3), max_size=3))
+    for key in data.draw(st.lists(st.sampled_from(sorted(config)), max_size=2)):
+        config[key] = data.draw(odd)
+    config_file.write_text(json.dumps(config))
+    try:
+        heads, loaded = load_heads(directory)
+    except HeadsLoadError as error:
+        assert str(error) and "Traceback" not in str(error)
+        return
+    assert heads.num_heads == loaded.num_heads >= 1
+    assert heads(torch.zeros(2, loaded.hidden_size)).shape[1] == 2

@@ -5,27 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from heads_fixtures import H, K, TOKEN_MAP, V, VARIANTS, random_heads
+
 from vllm_medusa.heads import HeadsConfig, MedusaHeads, ResidualBlock
-
-H, V, K = 32, 100, 3
-TOKEN_MAP = torch.randperm(V, generator=torch.Generator().manual_seed(1))[:40]
-VARIANTS = {
-    "per-head": {},
-    "shared": {"shared_lm_head": True},
-    "truncated": {"token_map": TOKEN_MAP},
-    "shared-truncated": {"shared_lm_head": True, "token_map": TOKEN_MAP},
-    "2-layers-no-bias-scaled": {"num_layers": 2, "bias": False, "logit_scale": 0.5},
-}
-
-
-def random_heads(**kwargs) -> MedusaHeads:
-    """Heads with every weight random (fresh residual layers are zero, which would hide mix-ups)."""
-    torch.manual_seed(0)
-    heads = MedusaHeads(H, V, K, **kwargs)
-    with torch.no_grad():
-        for param in heads.parameters():
-            param.normal_(0.0, 0.3)
-    return heads
 
 
 def per_head_logits(heads: MedusaHeads, hidden: torch.Tensor) -> torch.Tensor:

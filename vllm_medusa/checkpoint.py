@@ -76,9 +76,14 @@ def load_heads(
             f"{path}: no Medusa head weights found (searched {searched}; expected blocks.{{h}}.layers.{{l}}.weight, "
             f"{{h}}.{{l}}.linear.weight or medusa_head.{{h}}.{{l}}.linear.weight keys)"
         )
-    config = _config_from_weights(state, stored_config, vocab_size, path)
-    _check_base_model(config, hidden_size, vocab_size, path)
-    heads = _assemble(config, _to_module_state(state, config, path), dtype)
+    try:
+        config = _config_from_weights(state, stored_config, vocab_size, path)
+        _check_base_model(config, hidden_size, vocab_size, path)
+        heads = _assemble(config, _to_module_state(state, config, path), dtype)
+    except HeadsLoadError:
+        raise
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:  # weights and config.json disagree
+        raise HeadsLoadError(f"{path}: the weights do not fit config.json or each other: {error}") from None
     return heads, config
 
 
