@@ -1,7 +1,7 @@
 """tau (tokens per verification step) of tree Medusa on MT-Bench, through vLLM, for several tree sizes.
 
-Both turns of all 80 questions, greedy, 128 new tokens per turn: turn 1 is generated, then turn 2 is
-asked with turn 1's answer in the conversation. Each tree size gets its own engine (fixed tree, no
+Both turns of all 80 questions (`--turns 1`: first turns only), greedy, 128 new tokens per turn: turn 1 is
+generated, then turn 2 is asked with turn 1's answer in the conversation. Each tree size gets its own engine (fixed tree, no
 adaptive sizing); tau and per-depth acceptance come from the plugin's tree statistics.
 
     python -m benchmarks.mtbench_tau [--trees 4,16,32,64] [--heads DIR] [--dtype bfloat16]
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the fast dtype of this machine (vllm_medusa.hardware.fast_dtype)")
     parser.add_argument("--questions", type=int, default=80)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--turns", type=int, default=2, choices=(1, 2), help="1: first turns only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/mtbench_tau.json"))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                   additional_config={"medusa": {"tree": size, "adaptive": False}})
         per_turn = []
         conversations = [[{"role": "user", "content": q.turns[0]}] for q in questions]
-        for turn in range(2):
+        for turn in range(args.turns):
             llm.collective_rpc(_reset)
             outputs = llm.chat(conversations, params, use_tqdm=False)
             per_turn.append(llm.collective_rpc(_stats)[0])
@@ -64,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         trees = sum(s["trees"] for s in per_turn)
         emitted = sum(s["emitted"] for s in per_turn)
         depth = [sum(s["accepted_per_depth"][d] for s in per_turn) / trees for d in range(len(per_turn[0]["accepted_per_depth"]))]
-        rows.append({"nodes": size, "tau": emitted / trees, "tau_turn1": per_turn[0]["tau"],
-                     "tau_turn2": per_turn[1]["tau"], "p_depth_at_least": depth})
-        print(f"tree {size:3d}: tau {rows[-1]['tau']:.3f} (turn 1 {per_turn[0]['tau']:.3f}, "
-              f"turn 2 {per_turn[1]['tau']:.3f}); P(path depth >= d) {[round(p, 3) for p in depth]}", flush=True)
+        by_turn = {f"tau_turn{t + 1}": round(s["tau"], 4) for t, s in enumerate(per_turn)}
+        rows.append({"nodes": size, "tau": emitted / trees, **by_turn, "p_depth_at_least": depth})
+        print(f"tree {size:3d}: tau {rows[-1]['tau']:.3f} {by_turn}; P(path depth >= d) "
+              f"{[round(p, 3) for p in depth]}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"heads": str(heads_dir), "dtype": args.dtype, "rows": rows}, indent=1))
     return 0

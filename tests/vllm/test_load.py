@@ -36,7 +36,7 @@ CONCURRENCY = 64
 MAX_TOKENS = (8, 24, 48, 96)
 NUM_PROMPTS = 16
 MAX_MODEL_LEN = 1024
-KV_BLOCKS = 80  # 1,280 tokens of KV for up to 64 requests of up to ~600 tokens: preemption is certain
+KV_BLOCKS = 10  # CPU blocks hold 128 tokens: 1,280 tokens of KV for up to 64 requests of up to ~700: preemption is certain
 ORACLE_DEPTH = 4
 
 

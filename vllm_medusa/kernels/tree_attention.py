@@ -220,6 +220,34 @@ def build_tree_attention_metadata(
     )
 
 
+@dataclass(frozen=True)
+class TreeRequestRows:
+    """The requests of a step that carry tree nodes, as the kernel's compact batch.
+
+    requests:        [G] int64, their indices among the step's requests.
+    rows:            [T'] int64, their query rows in the step's query, request by request.
+    query_start_loc: [G+1] int32, where each request's rows start within `rows`.
+    """
+
+    requests: Tensor
+    rows: Tensor
+    query_start_loc: Tensor
+
+
+def select_tree_requests(query_start_loc: Tensor, num_nodes: Tensor) -> TreeRequestRows | None:
+    """query_start_loc [R+1], num_nodes [R] (host tensors) -> the requests with tree nodes and their rows;
+    None when no request has any. Other rows (prefill, plain decode) stay with vLLM's own kernel."""
+    requests = (num_nodes > 0).nonzero().flatten()
+    if requests.numel() == 0:
+        return None
+    starts = query_start_loc[requests].long()
+    lengths = query_start_loc[requests + 1].long() - starts
+    offsets = torch.zeros(len(requests) + 1, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    rows = torch.arange(int(offsets[-1])) + (starts - offsets[:-1]).repeat_interleave(lengths)
+    return TreeRequestRows(requests, rows, offsets.to(torch.int32))
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -103,3 +103,13 @@ def load_checkpoint(out_dir: Path, module: torch.nn.Module, optimizer: torch.opt
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float) -> None:
+    """Clip each parameter group's gradient norm on its own (Medusa-2: the heads' gradients are far larger than
+    the backbone's, one joint clip would starve the backbone), step the optimizer and the schedule, clear."""
+    for group in optimizer.param_groups:
+        torch.nn.utils.clip_grad_norm_(group["params"], max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -11,7 +11,9 @@ import torch
 from vllm_medusa.training.backbone import lm_head_weight, load_model, load_tokenizer, pick_dtype
 from vllm_medusa.training.hidden import TokenSet, cached_collect
 from vllm_medusa.training.losses import medusa_loss, to_head_vocab, top1_hits, vocab_lookup
-from vllm_medusa.training.runtime import Runtime, cosine_with_warmup, load_checkpoint, save_checkpoint
+from vllm_medusa.training.runtime import (
+    Runtime, cosine_with_warmup, load_checkpoint, optimizer_step, save_checkpoint,
+)
 from vllm_medusa.training.train import build_heads, data_files, encode_file, save_outputs
 
 
@@ -48,10 +50,7 @@ def fit(heads: torch.nn.Module, tokens: TokenSet, args: argparse.Namespace, rt: 
             (loss / args.grad_accum).backward()
             batch_hits, batch_counts = top1_hits(logits.detach(), head_targets)
             hits, counts = hits + batch_hits, counts + batch_counts
-        torch.nn.utils.clip_grad_norm_(heads.parameters(), args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scheduler, args.max_grad_norm)
         step += 1
         top1 = (hits / counts.clamp(min=1)).tolist() if torch.is_tensor(counts) else []
         bar.update(1)

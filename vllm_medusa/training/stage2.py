@@ -23,7 +23,9 @@ from vllm_medusa.training.backbone import lm_head_weight, load_model, load_token
 from vllm_medusa.training.data import IGNORE_INDEX, load_chats
 from vllm_medusa.training.hidden import collect, last_hidden, pad_batch
 from vllm_medusa.training.losses import head_targets, medusa_loss, to_head_vocab, top1_hits, vocab_lookup
-from vllm_medusa.training.runtime import Runtime, cosine_with_warmup, load_checkpoint, save_checkpoint
+from vllm_medusa.training.runtime import (
+    Runtime, cosine_with_warmup, load_checkpoint, optimizer_step, save_checkpoint,
+)
 from vllm_medusa.training.train import Sequences, build_heads, data_files, encode_file, save_outputs
 
 
@@ -137,11 +139,7 @@ def fit(backbone: Backbone, heads: torch.nn.Module, sequences: Sequences, pad_id
             (loss / args.grad_accum).backward()
             batch_hits, batch_counts = top1_hits(logits.detach(), targets)
             hits, counts = hits + batch_hits, counts + batch_counts
-        for group in optimizer.param_groups:  # clip each part alone: the heads' gradients are far larger
-            torch.nn.utils.clip_grad_norm_(group["params"], args.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, scheduler, args.max_grad_norm)
         step += 1
         top1 = (hits / counts.clamp(min=1)).tolist() if torch.is_tensor(counts) else []
         bar.update(1)

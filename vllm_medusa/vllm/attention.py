@@ -178,25 +178,29 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         n = slot_mapping.shape[0]
         self.shadow[slot_mapping.long()] = torch.cat([key[:n], value[:n]], dim=-1).to(self.shadow.dtype)
 
+    @staticmethod
+    def move_kv(layers: list[tuple[Any, Any, torch.Tensor]], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
+        """Shadow and native cache of every layer. Sources are read before anything is written, so overlapping
+        moves (dst <= src) are safe; the native cache is written through vLLM's own writer, so its
+        ISA-specific layout is respected."""
+        for impl, layer, kv_cache in layers:
+            moved = impl.shadow[src_slots]
+            impl.shadow[dst_slots] = moved
+            num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+            key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+            ops.cpu_attn_reshape_and_cache(
+                moved[..., : impl.head_size].contiguous(), moved[..., impl.head_size :].contiguous(),
+                key_cache, value_cache, dst_slots, layer.isa,
+                k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype,
+            )
+
 
 def move_kv(src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
-    """Copy the KV of `src_slots` into `dst_slots` in every layer, shadow and native cache.
-
-    Sources are read before anything is written, so overlapping moves (dst <= src) are safe. The
-    native cache is written through vLLM's own writer, so its ISA-specific layout is respected.
-    """
-    if src_slots.numel() == 0:
+    """Copy the KV of `src_slots` into `dst_slots` in every layer, with the backend's own mover (CPU: shadow
+    and native cache here; GPU: `gpu_attention.TreeFlashAttentionImpl.move_kv`)."""
+    if src_slots.numel() == 0 or not TREE_MODE.layers:
         return
-    for impl, layer, kv_cache in TREE_MODE.layers:
-        moved = impl.shadow[src_slots]
-        impl.shadow[dst_slots] = moved
-        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
-        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(
-            moved[..., : impl.head_size].contiguous(), moved[..., impl.head_size :].contiguous(),
-            key_cache, value_cache, dst_slots, layer.isa,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype,
-        )
+    TREE_MODE.layers[0][0].move_kv(TREE_MODE.layers, src_slots, dst_slots)
 
 
 class TreeAttentionBackend(CPUAttentionBackend):

@@ -275,11 +275,12 @@ def _patch_medusa_proposer() -> None:
 def _register_attention_backend() -> None:
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        return  # GPU tree attention: vllm_medusa.kernels (see README, "GPU")
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_medusa.vllm.attention.TreeAttentionBackend")
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_medusa.vllm.attention.TreeAttentionBackend")
+    elif current_platform.is_cuda():  # acts as vLLM's own until tree mode is switched on (opt-in: gpu_tree)
+        register_backend(AttentionBackendEnum.FLASH_ATTN, "vllm_medusa.vllm.gpu_attention.TreeFlashAttentionBackend")
 
 
 def resolve(qualname: str) -> Any:

@@ -17,7 +17,9 @@ from vllm_medusa.tree import TreeSpec
 
 ACCEPTANCE_MODES = ("auto", "greedy", "typical", "lossless")
 # Keys accepted in additional_config["medusa"]; anything else is a typo worth an error.
-SERVER_KEYS = {"mode", "tree", "acceptance", "typical_eps", "typical_delta", "proposer", "num_nodes", "adaptive"}
+SERVER_KEYS = {
+    "mode", "tree", "acceptance", "typical_eps", "typical_delta", "proposer", "num_nodes", "adaptive", "gpu_tree",
+}
 # Keys accepted in SamplingParams.extra_args.
 REQUEST_KEYS = {"medusa_acceptance", "typical_eps", "typical_delta"}
 DEFAULT_TREE = "medusa-16"
