@@ -18,6 +18,17 @@ def _stats(worker) -> dict:
     return worker.model_runner._medusa.stats.as_dict()
 
 
+def _by_value(function):
+    """Ship `function` to the worker processes by value: by reference they would import this test module,
+    whose `from conftest import ...` finds tests/conftest.py first on a worker's path in a full run."""
+    import sys
+
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[function.__module__])
+    return function
+
+
 def test_tensor_parallel_3_equals_plain_and_every_rank_agrees(smollm2_f32, oracle_heads, tmp_path, monkeypatch):
     from vllm import LLM, SamplingParams
 
@@ -39,7 +50,7 @@ def test_tensor_parallel_3_equals_plain_and_every_rank_agrees(smollm2_f32, oracl
     )
     try:
         outputs = llm.generate(prompts, greedy, use_tqdm=False)
-        per_rank = llm.collective_rpc(_stats)
+        per_rank = llm.collective_rpc(_by_value(_stats))
     finally:
         shutdown(llm)
     assert [list(o.outputs[0].token_ids) for o in outputs] == [list(o.outputs[0].token_ids) for o in reference]
