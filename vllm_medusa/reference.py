@@ -49,6 +49,32 @@ class GenerationResult:
     accepted_per_depth: list[int]
 
 
+class _CapturedStep:
+    """Runs a step function eagerly for its first calls (warm-up: kernels, workspaces, lazy state, without
+    writing junk into a cache), then, when `graphed`, captures it once in a CUDA graph and replays that graph.
+    The function must read and write only persistent buffers, so every replay is the next real step."""
+
+    EAGER_CALLS = 2
+
+    def __init__(self, graphed: bool) -> None:
+        self.graphed = graphed
+        self.eager_left = self.EAGER_CALLS
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: object = None
+
+    def __call__(self, step: Callable[[], object]) -> object:
+        if not self.graphed or self.eager_left:
+            self.eager_left -= 1
+            self.output = step()
+        else:
+            if self.graph is None:
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.output = step()
+            self.graph.replay()
+        return self.output
+
+
 class MedusaGenerator:
     """Medusa decoding over a `StaticCache`: the tree's KV is written after the prefix, the accepted path's
     KV is then moved into place and the write index set back, so every step has the same shapes.
@@ -57,8 +83,6 @@ class MedusaGenerator:
     one CUDA graph (propose, verify, accept, compact) after two eager steps; one sync per step reads the
     emitted tokens. Eager steps run the same code, so CPU tests check what the GPU timings run.
     """
-
-    _EAGER_STEPS = 2
 
     def __init__(
         self,
@@ -132,23 +156,11 @@ class _TreeDecode:
         self.root = _first_token(_lm_head(model, hidden[:, -1]), mode, temperature, generator).view(1)
         self.head_hidden = hidden[:, -1].clone()
         self.prefix = torch.full((1,), len(input_ids), dtype=torch.long, device=device)
-        self.tree_bias = _additive(tree.ancestor_mask, gen.dtype)  # [N+1, N+1]
-        self.emitted: tuple[Tensor, Tensor] | None = None
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager_left = MedusaGenerator._EAGER_STEPS
+        self.captured = _CapturedStep(gen.graphed)
 
     def step(self, tokens: list[int]) -> tuple[list[int], int]:
         """One verification step -> (emitted tokens, padded to D+1; how many are real)."""
-        if not self.gen.graphed or self.eager_left:
-            self.eager_left -= 1
-            self.emitted = self._run(tokens)
-        else:
-            if self.graph is None:
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.emitted = self._run(tokens)
-            self.graph.replay()
-        emitted_tokens, emitted = self.emitted
+        emitted_tokens, emitted = self.captured(lambda: self._run(tokens))
         return emitted_tokens.tolist(), int(emitted)
 
     def _run(self, tokens: list[int]) -> tuple[Tensor, Tensor]:
@@ -157,11 +169,10 @@ class _TreeDecode:
         tree_tokens = fill_tree(tree, self.root, self.gen.proposer(self.head_hidden, tokens))  # [1, N+1]
         # prefix slots visible to every node; tree slots as the ancestor mask says; later slots hidden
         relative = self.slots - self.prefix  # [max_len]
-        tree_part = self.tree_bias[:, relative.clamp(0, tree.num_nodes)]  # [N+1, max_len]
-        hidden_bias = torch.finfo(self.gen.dtype).min
-        mask = torch.where(relative < 0, 0.0, torch.where(relative <= tree.num_nodes, tree_part, hidden_bias))
+        in_tree = tree.ancestor_mask[:, relative.clamp(0, tree.num_nodes)] & (relative <= tree.num_nodes)
+        visible = (relative < 0) | in_tree  # [N+1, max_len]
         hidden = _forward(model, tree_tokens, self.cache, position_ids=(self.prefix + tree.depths)[None],
-                          mask=mask.to(self.gen.dtype)[None, None])  # [1, N+1, H]
+                          mask=_additive(visible, self.gen.dtype)[None, None])  # [1, N+1, H]
         acceptance = _accept(self.mode, tree, tree_tokens, _lm_head(model, hidden), self.temperature, self.generator)
         count = acceptance.num_emitted[0]
         self._compact(acceptance.path[0], count)
@@ -217,8 +228,6 @@ class StaticDecode:
     and advances it in place, inside the graph. Rows keep their own positions (slot - left padding).
     """
 
-    _EAGER_STEPS = 2
-
     def __init__(
         self,
         model: nn.Module,
@@ -246,8 +255,7 @@ class StaticDecode:
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.full((1,), length, dtype=torch.long, device=device)  # cache slot of the next token
         self.filled = length
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.eager_left = self._EAGER_STEPS
+        self.captured = _CapturedStep(self.graphed)
         query = torch.arange(length, device=device)
         positions = (query[None] - self.padding[:, None]).clamp(min=0)
         hidden = _forward(model, input_ids, self.cache, position_ids=positions, mask=self._mask(query))
@@ -258,7 +266,7 @@ class StaticDecode:
         visible = (self.slots[None, None] <= query_slots[None, :, None]) & (
             self.slots[None, None] >= self.padding[:, None, None]
         )
-        return torch.where(visible, 0.0, torch.finfo(self.dtype).min).to(self.dtype)[:, None]
+        return _additive(visible, self.dtype)[:, None]
 
     def _run(self) -> Tensor:
         """tokens, slot buffers -> next-token logits [B, V]."""
@@ -273,15 +281,7 @@ class StaticDecode:
             raise ValueError(f"StaticDecode: cache of {self.max_len} slots is full")
         self.filled += 1
         self.tokens.copy_(tokens.view(-1, 1))
-        if not self.graphed or self.eager_left:
-            self.eager_left -= 1
-            self.logits = self._run()
-            return self.logits
-        if self.graph is None:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._run()
-        self.graph.replay()
+        self.logits = self.captured(self._run)
         return self.logits
 
 

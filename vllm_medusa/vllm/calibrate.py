@@ -42,20 +42,21 @@ def measure(runner: Any, repeats: int = 3) -> StepCost:
     return StepCost.from_points(points)
 
 
-def load_or_measure(runner: Any) -> StepCost:
+def measure_and_cache(runner: Any, repeats: int = 3, **meta: str) -> tuple[StepCost, Path]:
+    """measure() and write the curve where engines of this machine, model, dtype and parallelism read it."""
+    cost = measure(runner, repeats)
     path = cache_path(runner.vllm_config)
-    cost = StepCost.load(path)
-    if cost is None:
-        cost = measure(runner)
-        cost.save(path, {"model": str(runner.vllm_config.model_config.model)})
-    return cost
+    cost.save(path, {"model": str(runner.vllm_config.model_config.model), **meta})
+    return cost, path
+
+
+def load_or_measure(runner: Any) -> StepCost:
+    cost = StepCost.load(cache_path(runner.vllm_config))
+    return cost if cost is not None else measure_and_cache(runner)[0]
 
 
 def _measure_and_save(worker: Any, repeats: int) -> dict[str, Any]:
-    runner = worker.model_runner
-    cost = measure(runner, repeats)
-    path = cache_path(runner.vllm_config)
-    cost.save(path, {"model": str(runner.vllm_config.model_config.model), "command": "vllm-medusa calibrate"})
+    cost, path = measure_and_cache(worker.model_runner, repeats, command="vllm-medusa calibrate")
     return {"path": str(path), **cost.to_json()}
 
 
