@@ -63,6 +63,8 @@ class TreeFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
 
 
 class TreeFlashAttentionImpl(FlashAttentionImpl):
+    registered = False  # this layer's cache is in TREE_MODE.layers (for move_kv)
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
         tree = getattr(attn_metadata, "tree", None)
@@ -78,8 +80,9 @@ class TreeFlashAttentionImpl(FlashAttentionImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if TREE_MODE.enabled and not any(cache is kv_cache for _, _, cache in TREE_MODE.layers):
+        if TREE_MODE.enabled and not self.registered:  # once per layer, not a search per step
             TREE_MODE.layers.append((self, layer, kv_cache))
+            self.registered = True
 
     @staticmethod
     def move_kv(layers: list[tuple[Any, Any, torch.Tensor]], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
