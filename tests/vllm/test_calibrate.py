@@ -39,6 +39,14 @@ def test_calibrate_caches_the_curve_an_engine_then_reads(smollm2_f32, tmp_path, 
     assert calibrate.load_or_measure(Runner()).to_json() == StepCost.from_json(curve).to_json()
 
 
+def test_calibrate_missing_model_is_one_clear_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vllm_medusa.cli", "calibrate", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert f"model directory {tmp_path / 'missing'} does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def _vllm_config(model_dir):
     from types import SimpleNamespace
 

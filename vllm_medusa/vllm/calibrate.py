@@ -76,6 +76,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5, help="timings per size (the median is kept)")
     args = parser.parse_args(argv)
+    if os.sep in args.model and not Path(args.model).is_dir():
+        parser.error(f"model directory {args.model} does not exist")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the measuring function runs in-process
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
