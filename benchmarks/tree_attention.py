@@ -230,22 +230,34 @@ def goal_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Launch variants the sweep times next to the automatic plan, by tree size (MHA only).
+SWEEP_PLANS = {
+    0: [TilePlan(16, 1, num_stages=stages) for stages in (2, 3, 4, 5)],
+    64: [TilePlan(64, 1), TilePlan(64, 1, num_stages=4)]  # no root row: its output is wrong, a lower bound
+    + [TilePlan(64, 1, True, num_stages=stages) for stages in (2, 3, 4)]
+    + [TilePlan(64, 1, True, block_n=32, num_stages=stages) for stages in (3, 4, 5, 6)]
+    + [TilePlan(128, 1, False, num_warps=8, num_stages=3)],
+}
+
+
 def sweep(kv_heads: int) -> None:
-    """Split counts and tile plans at the goal cells with N = 64, for tuning the heuristics."""
+    """Split counts and tile plans at the goal cells, for tuning the heuristics.
+
+    A plan of 64 rows without the root row computes one row too few for N = 64 (its output is wrong): it
+    times the 64-row tile alone, i.e. what the root's separate block adds.
+    """
     print(f"\nsweep ({kv_heads} KV heads): µs per call for num_splits / tile plan variants")
-    for batch, context in itertools.product(GOAL_BATCHES, GOAL_CONTEXTS):
-        inputs = make_inputs(Case(batch, context, 64), kv_heads, copies_for)
+    for batch, context, nodes in itertools.product(GOAL_BATCHES, GOAL_CONTEXTS, (0, 64)):
+        inputs = make_inputs(Case(batch, context, nodes), kv_heads, copies_for)
         meta = inputs.meta
         variants = {f"auto: {meta.plan}, {meta.num_splits} splits": meta}
-        for splits in (1, 4, 8, 16):
+        for splits in (1, 2, 4, 6, 8, 12, 16, 24, 32):
             variants[f"{splits} splits"] = dataclasses.replace(meta, num_splits=splits)
-        if kv_heads == NUM_HEADS:
-            for plan in (TilePlan(64, 1, True, num_stages=2), TilePlan(64, 1, True, num_warps=8),
-                         TilePlan(64, 1, True, block_n=128, num_warps=8, num_stages=2),
-                         TilePlan(128, 1, False, num_warps=8, num_stages=2)):
-                variants[str(plan)] = dataclasses.replace(meta, plan=plan)
+        for plan in SWEEP_PLANS[nodes] if kv_heads == NUM_HEADS else ():
+            for splits in sorted({meta.num_splits, 2 * meta.num_splits} if batch == 1 else {meta.num_splits}):
+                variants[f"{plan}, {splits} splits"] = dataclasses.replace(meta, plan=plan, num_splits=splits)
         for name, variant in variants.items():
-            print(f"batch {batch} context {context} N=64, {name}: {time_ours(inputs, variant):.1f}", flush=True)
+            print(f"batch {batch} context {context} N={nodes}, {name}: {time_ours(inputs, variant):.1f}", flush=True)
         del inputs
         torch.cuda.empty_cache()
 
@@ -254,7 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kv-heads", type=int, default=32, help="KV heads (32: Llama-7B MHA; 8: GQA)")
     parser.add_argument("--goal-cells", action="store_true", help="only batch 1/8, context 4k/16k")
-    parser.add_argument("--sweep", action="store_true", help="also sweep split counts and tile plans (N=64)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep split counts and tile plans (N=0, 64)")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():

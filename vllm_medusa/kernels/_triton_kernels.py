@@ -35,10 +35,15 @@ def _load_q(Q, q0, q_len, kv_head, rows, stride_qt, stride_qh, GROUP: tl.constex
 
 
 @triton.jit
-def _load_kv(Cache, block_row, keys, valid, kv_head, stride_b, stride_s, stride_h,
+def _block_ids(block_row, keys, valid, PAGE: tl.constexpr):
+    """[len(keys)] int64: the cache block of each key (block_row: the request's row of the block table)."""
+    return tl.load(block_row + keys // PAGE, mask=valid, other=0).to(tl.int64)
+
+
+@triton.jit
+def _load_kv(Cache, blocks, keys, valid, kv_head, stride_b, stride_s, stride_h,
              PAGE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """[len(keys), HEAD_DIM] tile of K or V through the block table (block_row: the request's row)."""
-    blocks = tl.load(block_row + keys // PAGE, mask=valid, other=0).to(tl.int64)
+    """[len(keys), HEAD_DIM] tile of K or V; blocks: `_block_ids(keys)`."""
     offsets = blocks * stride_b + (keys % PAGE) * stride_s + kv_head * stride_h
     d = tl.arange(0, HEAD_DIM)
     return tl.load(Cache + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
@@ -134,11 +139,16 @@ def _tree_attention_kernel(
         l_r = tl.zeros([16], tl.float32)
         acc_r = tl.zeros([16, HEAD_DIM], tl.float32)
 
+    # A tile's block ids are loaded one iteration ahead: K/V loads that wait on a load of the same iteration
+    # get one pipeline buffer fewer (none left with the root block), exposing the memory latency per tile.
+    first = k_start + tl.arange(0, BLOCK_N)
+    blocks = _block_ids(block_row, first, first < k_end, PAGE)
     for k0 in range(k_start, clean_end, BLOCK_N):
         keys = k0 + tl.arange(0, BLOCK_N)
         all_keys = keys >= 0
-        k = _load_kv(K, block_row, keys, all_keys, kv_head, stride_kb, stride_ks, stride_kh, PAGE, HEAD_DIM)
-        v = _load_kv(V, block_row, keys, all_keys, kv_head, stride_vb, stride_vs, stride_vh, PAGE, HEAD_DIM)
+        k = _load_kv(K, blocks, keys, all_keys, kv_head, stride_kb, stride_ks, stride_kh, PAGE, HEAD_DIM)
+        v = _load_kv(V, blocks, keys, all_keys, kv_head, stride_vb, stride_vs, stride_vh, PAGE, HEAD_DIM)
+        blocks = _block_ids(block_row, keys + BLOCK_N, keys + BLOCK_N < k_end, PAGE)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, 0, False)
         if ROOT_ROW:
             m_r, l_r, acc_r = _attend(q_r, k, v, m_r, l_r, acc_r, qk_scale, 0, False)
@@ -146,8 +156,9 @@ def _tree_attention_kernel(
     for k0 in range(clean_end, k_end, BLOCK_N):
         keys = k0 + tl.arange(0, BLOCK_N)
         valid = keys < k_end
-        k = _load_kv(K, block_row, keys, valid, kv_head, stride_kb, stride_ks, stride_kh, PAGE, HEAD_DIM)
-        v = _load_kv(V, block_row, keys, valid, kv_head, stride_vb, stride_vs, stride_vh, PAGE, HEAD_DIM)
+        blocks = _block_ids(block_row, keys, valid, PAGE)
+        k = _load_kv(K, blocks, keys, valid, kv_head, stride_kb, stride_ks, stride_kh, PAGE, HEAD_DIM)
+        v = _load_kv(V, blocks, keys, valid, kv_head, stride_vb, stride_vs, stride_vh, PAGE, HEAD_DIM)
         visible = _visible(rows, keys, k_end, ctx, root, num_nodes, TreeBits, tree_words, GROUP)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, visible, True)
         if ROOT_ROW:
