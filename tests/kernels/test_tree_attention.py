@@ -176,7 +176,7 @@ def test_tile_plan_covers_rows_and_avoids_padding():
         plan = tile_plan(rows)
         assert plan.rows_covered >= rows
     assert tile_plan(1) == tile_plan(16)
-    plan = tile_plan(65)  # 64-node tree + root, one KV head: a 64-row tile and the root on CUDA cores
+    plan = tile_plan(65)  # 64-node tree + root, one KV head: a 64-row tile and the root's 16-row block
     assert (plan.block_m, plan.m_tiles, plan.root_row) == (64, 1, True)
     with pytest.raises(ValueError, match="single"):
         TilePlan(64, 2, root_row=True)
@@ -267,7 +267,7 @@ def test_compact_kv_reference_moves_overlapping_paths():
 # Each case compiles its own kernels (dtype, head size, GQA group, tile plan), so the cases cover every
 # dimension without taking the full product: (dtype, head_size, num_heads, num_kv_heads, tree size, layout).
 KERNEL_CASES = [
-    (torch.bfloat16, 128, 8, 8, 64, "vllm"),  # MHA: 64-row tile + root row on CUDA cores
+    (torch.bfloat16, 128, 8, 8, 64, "vllm"),  # MHA: 64-row tile + the root in a 16-row block
     (torch.float16, 64, 4, 4, 16, "fa"),  # MHA: 16-row tile + root row, FlashAttention layout
     (torch.bfloat16, 128, 8, 2, 64, "vllm"),  # GQA 4: 260 rows, three 128-row tiles
     (torch.float16, 64, 6, 2, 16, "fa"),  # GQA 3 (not a power of two): 51 rows

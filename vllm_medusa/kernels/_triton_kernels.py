@@ -64,16 +64,21 @@ def _visible(rows, keys, k_end, ctx, root, num_nodes, TreeBits, tree_words, GROU
 
 
 @triton.jit
-def _attend(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexpr):
+def _attend(q, k, v, m_i, l_i, acc, qk_scale, visible, MASKED: tl.constexpr, KEYWISE_SUM: tl.constexpr = False):
     """One online-softmax step over a key tile. m_i starts at -1e30, not -inf, so an all-masked tile
-    leaves the state unchanged instead of producing NaN."""
+    leaves the state unchanged instead of producing NaN. With KEYWISE_SUM, l_i is [rows, BLOCK_N] (summed
+    over keys once at the end): for a block whose keys are spread over the warps, one cross-warp reduction
+    (a barrier) per tile fewer."""
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if KEYWISE_SUM:
+        l_i = l_i * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
@@ -136,7 +141,7 @@ def _tree_attention_kernel(
         root_rows = tl.arange(0, 16)
         q_r = _load_q(Q, q0, q_len, kv_head, root_rows, stride_qt, stride_qh, GROUP, HEAD_DIM)
         m_r = tl.full([16], -1e30, tl.float32)
-        l_r = tl.zeros([16], tl.float32)
+        l_r = tl.zeros([16, BLOCK_N], tl.float32)
         acc_r = tl.zeros([16, HEAD_DIM], tl.float32)
 
     # A tile's block ids are loaded one iteration ahead: K/V loads that wait on a load of the same iteration
@@ -151,7 +156,7 @@ def _tree_attention_kernel(
         blocks = _block_ids(block_row, keys + BLOCK_N, keys + BLOCK_N < k_end, PAGE)
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, 0, False)
         if ROOT_ROW:
-            m_r, l_r, acc_r = _attend(q_r, k, v, m_r, l_r, acc_r, qk_scale, 0, False)
+            m_r, l_r, acc_r = _attend(q_r, k, v, m_r, l_r, acc_r, qk_scale, 0, False, True)
 
     for k0 in range(clean_end, k_end, BLOCK_N):
         keys = k0 + tl.arange(0, BLOCK_N)
@@ -163,13 +168,13 @@ def _tree_attention_kernel(
         m_i, l_i, acc = _attend(q, k, v, m_i, l_i, acc, qk_scale, visible, True)
         if ROOT_ROW:
             visible_r = _visible(root_rows, keys, k_end, ctx, root, num_nodes, TreeBits, tree_words, GROUP)
-            m_r, l_r, acc_r = _attend(q_r, k, v, m_r, l_r, acc_r, qk_scale, visible_r, True)
+            m_r, l_r, acc_r = _attend(q_r, k, v, m_r, l_r, acc_r, qk_scale, visible_r, True, True)
 
     _store(Out, PartO, PartLse, rows, rows // GROUP < q_len, m_i, l_i, acc, q0, kv_head, split,
            stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, GROUP, HEAD_DIM, SPLIT)
     if ROOT_ROW:
-        _store(Out, PartO, PartLse, root_rows, (root_rows == 0) & (q_len > 0), m_r, l_r, acc_r, q0, kv_head, split,
-               stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
+        _store(Out, PartO, PartLse, root_rows, (root_rows == 0) & (q_len > 0), m_r, tl.sum(l_r, 1), acc_r, q0,
+               kv_head, split, stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
                GROUP, HEAD_DIM, SPLIT)
 
 
