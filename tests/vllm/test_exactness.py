@@ -184,15 +184,8 @@ def test_exact_while_the_tree_changes_every_step(medusa, prompts, reference):
     ids=["preemption", "chunked_prefill"],
 )
 def test_exact_under_pressure(smollm2_f32, oracle_heads, prompts, reference, engine_args, event):
-    from vllm import LLM
-
     args = {**BASE_ENGINE_ARGS, **engine_args}
-    llm = LLM(
-        model=str(smollm2_f32),
-        speculative_config={"method": "medusa", "model": str(oracle_heads)},
-        additional_config={"medusa": {"proposer": ORACLE, "adaptive": False}},
-        **args,
-    )
+    llm = _oracle_engine(smollm2_f32, oracle_heads, **args)
     try:
         outputs = llm.generate(prompts[:NUM_PROMPTS], _greedy())
         assert _tokens(outputs) == _tokens(reference[:NUM_PROMPTS])
@@ -204,6 +197,36 @@ def test_exact_under_pressure(smollm2_f32, oracle_heads, prompts, reference, eng
             assert max(len(o.prompt_token_ids) for o in reference[:NUM_PROMPTS]) > args["max_num_batched_tokens"]
     finally:
         shutdown(llm)
+
+
+def test_exact_at_the_context_limit(smollm2_f32, oracle_heads, prompts, reference):
+    """Requests that reach max_model_len mid-generation: vLLM schedules only the first nodes that fit
+    (a prefix of the tree, still prefix-closed), and the output is plain vLLM's cut at the limit."""
+    prompt_lengths = [len(o.prompt_token_ids) for o in reference[:NUM_PROMPTS]]
+    max_model_len = max(prompt_lengths) + MAX_TOKENS // 2
+    llm = _oracle_engine(smollm2_f32, oracle_heads, **{**BASE_ENGINE_ARGS, "max_model_len": max_model_len})
+    try:
+        outputs = llm.generate(prompts[:NUM_PROMPTS], _greedy())
+        stats = tree_stats(llm)
+    finally:
+        shutdown(llm)
+    expected = [t[: max_model_len - n] for t, n in zip(_tokens(reference[:NUM_PROMPTS]), prompt_lengths)]
+    assert _tokens(outputs) == expected
+    full = _tokens(reference[:NUM_PROMPTS])
+    capped = [o.outputs[0].finish_reason for o, t, f in zip(outputs, expected, full) if len(t) < len(f)]
+    assert capped and set(capped) == {"length"}
+    assert stats["cut_trees"] > 0 and stats["tau"] >= 2.0, str(stats)
+
+
+def _oracle_engine(model, heads, **engine_args):
+    from vllm import LLM
+
+    return LLM(
+        model=str(model),
+        speculative_config={"method": "medusa", "model": str(heads)},
+        additional_config={"medusa": {"proposer": ORACLE, "adaptive": False}},
+        **engine_args,
+    )
 
 
 def _counter(llm, name: str) -> float:

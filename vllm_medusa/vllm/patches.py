@@ -72,7 +72,7 @@ def _patch_engine_args() -> None:
             _fold_spec_flags(self)
             if isinstance(self.speculative_config, dict):
                 self.speculative_config = prepare_speculative_config(
-                    self.speculative_config, target_model_config, self.additional_config
+                    self.speculative_config, target_model_config, self.additional_config, self.max_num_batched_tokens
                 )
             return original(self, target_model_config, target_parallel_config)
 
@@ -236,11 +236,24 @@ def _patch_runner() -> None:
 
         return propose_draft_token_ids
 
+    def fits(original):
+        def _input_fits_in_drafter(self, common_attn_metadata):
+            # vLLM skips drafting for the whole batch once its longest request is within
+            # num_speculative_tokens of max_model_len (its drafters run a forward over the drafts). Our
+            # heads do not, and the scheduler cuts each request's drafts at the limit: the tree of that
+            # request shrinks to the nodes that fit, the other requests keep theirs.
+            if getattr(self, "_medusa", None) is not None:
+                return common_attn_metadata is not None
+            return original(self, common_attn_metadata)
+
+        return _input_fits_in_drafter
+
     _wrap(GPUModelRunner, "__init__", init)
     _wrap(GPUModelRunner, "_update_states", update_states)
     _wrap(GPUModelRunner, "_prepare_inputs", prepare_inputs)
     _wrap(GPUModelRunner, "_sample", sample)
     _wrap(GPUModelRunner, "propose_draft_token_ids", propose)
+    _wrap(GPUModelRunner, "_input_fits_in_drafter", fits)
 
 
 def _patch_medusa_proposer() -> None:

@@ -49,6 +49,7 @@ class TreeStats:
 
     steps: int = 0  # verification steps that had at least one tree
     trees: int = 0  # request-steps verified with a tree
+    cut_trees: int = 0  # of those, trees the scheduler cut short (context limit, token budget)
     emitted: int = 0  # tokens emitted by those request-steps
     accepted_per_depth: list[int] = field(default_factory=list)  # [d]: paths reaching depth d+1
     trees_by_rule: dict[str, int] = field(default_factory=dict)  # trees per rule: greedy, lossless, typical
@@ -259,6 +260,7 @@ class TreeStep:
         self.schedule.observe_acceptance(step.tree, step.num_nodes[with_tree], last_pos.numpy()[with_tree])
         self.stats.steps += 1
         self.stats.trees += int(with_tree.sum())
+        self.stats.cut_trees += int((step.num_nodes[with_tree] < step.tree.num_nodes).sum())
         emitted = num_emitted.numpy()[with_tree]
         self.stats.emitted += int(emitted.sum())
         for d in range(len(self.stats.accepted_per_depth)):
