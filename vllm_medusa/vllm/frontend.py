@@ -47,8 +47,13 @@ def discover_heads(base_model: str) -> Path:
 
 
 def prepare_speculative_config(
-    spec: dict[str, Any], target_model_config: Any, additional_config: dict[str, Any] | None
+    spec: dict[str, Any],
+    target_model_config: Any,
+    additional_config: dict[str, Any] | None,
+    max_num_batched_tokens: int | None = None,
 ) -> dict[str, Any]:
+    """The user's speculative config with heads found and `num_speculative_tokens` set from the tree;
+    `max_num_batched_tokens` is the step token budget when the user set one (None: vLLM's default)."""
     if not tree_mode_requested(spec.get("method"), additional_config):
         return spec
     from vllm.platforms import current_platform
@@ -75,6 +80,13 @@ def prepare_speculative_config(
         raise MedusaConfigError(f"Medusa heads directory {heads_dir} does not exist")
     settings = load_settings(heads_dir, additional_config)
     _check_heads_match(heads_dir, target_model_config)
+    if settings.proposer is None:
+        # Load the heads once here: vLLM parses the weights' headers while it builds the draft config,
+        # where a damaged file would surface as an unrelated error from deep inside vLLM.
+        from vllm_medusa.checkpoint import load_heads
+
+        hf = target_model_config.hf_config
+        load_heads(heads_dir, hidden_size=hf.hidden_size, vocab_size=hf.vocab_size)
     num_nodes = settings.tree.num_nodes
     if num_nodes > MAX_NODES:
         raise MedusaConfigError(f"the tree has {num_nodes} nodes; vLLM verifies at most {MAX_NODES} per request")
@@ -85,6 +97,14 @@ def prepare_speculative_config(
         raise MedusaConfigError(
             f"num_speculative_tokens={requested} but the tree has {num_nodes} nodes; with tree Medusa it is "
             f"the number of tree nodes to verify (1..{num_nodes}); leave it out to use the whole tree"
+        )
+    verified = int(spec["num_speculative_tokens"])
+    # A request's root and nodes go in one step: a budget below that would cut every tree.
+    if max_num_batched_tokens is not None and verified + 1 > max_num_batched_tokens:
+        raise MedusaConfigError(
+            f"the tree has {verified} nodes, so one request's verification step feeds {verified + 1} tokens, more "
+            f"than max_num_batched_tokens={max_num_batched_tokens}; raise max_num_batched_tokens or use a smaller "
+            f"tree (additional_config {{\"medusa\": {{\"num_nodes\": {max_num_batched_tokens - 1}}}}})"
         )
     return spec
 

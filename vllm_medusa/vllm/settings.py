@@ -107,14 +107,17 @@ def heads_config(heads_dir: str | Path) -> dict[str, Any]:
 
 def resolve_tree(spec: Any, num_heads: int | None = None) -> TreeSpec:
     """A tree from a preset name, a node count, a JSON file path or a list of rank paths."""
-    if isinstance(spec, TreeSpec):
-        tree = spec
-    elif isinstance(spec, (list, tuple)):
-        tree = TreeSpec.from_choices(spec)
-    elif isinstance(spec, int) or (isinstance(spec, str) and not Path(spec).is_file()):
-        tree = TreeSpec.preset(spec)
-    else:
-        tree = TreeSpec.from_json(spec)
+    try:
+        if isinstance(spec, TreeSpec):
+            tree = spec
+        elif isinstance(spec, (list, tuple)):
+            tree = TreeSpec.from_choices(spec)
+        elif isinstance(spec, int) or (isinstance(spec, str) and not Path(spec).is_file()):
+            tree = TreeSpec.preset(spec)
+        else:
+            tree = TreeSpec.from_json(spec)
+    except ValueError as error:  # TreeSpec's own message says what is wrong with the tree
+        raise MedusaConfigError(f"Medusa tree: {error}") from None
     if num_heads is not None and tree.max_depth > num_heads:
         raise MedusaConfigError(
             f"the tree is {tree.max_depth} deep but the heads checkpoint has only {num_heads} heads; "
@@ -139,7 +142,10 @@ def load_settings(heads_dir: str | Path, additional_config: dict[str, Any] | Non
     options = {**stored, **server_options(additional_config)}
     tree = resolve_tree(options.get("tree") or DEFAULT_TREE)
     if "num_nodes" in options:
-        tree = tree.truncated(int(options["num_nodes"]))
+        try:
+            tree = tree.truncated(int(options["num_nodes"]))
+        except ValueError as error:
+            raise MedusaConfigError(f"additional_config['medusa']['num_nodes']: {error}") from None
     acceptance = Acceptance(
         mode=str(options.get("acceptance", "auto")),
         typical_eps=float(options.get("typical_eps", 0.09)),
