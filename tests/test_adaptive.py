@@ -19,6 +19,14 @@ def test_step_cost_follows_observed_steps():
     assert cost(1) == pytest.approx(1.0)  # far grid points untouched
 
 
+def test_first_observation_replaces_the_calibration():
+    cost = StepCost.linear(base=1.0, per_token=0.0)
+    cost.observe(16, 3.0)
+    assert cost(16) == pytest.approx(3.0)
+    cost.observe(16, 1.0)  # then a running mean
+    assert cost(16) == pytest.approx(2.0)
+
+
 def test_step_cost_round_trips(tmp_path):
     cost = StepCost.linear(0.01, 0.001)
     cost.save(tmp_path / "c.json", {"model": "x"})
@@ -81,7 +89,7 @@ def test_adaptive_tree_shrinks_with_cost_and_learns_acceptance():
     cheap = StepCost.linear(base=1.0, per_token=0.0001)
     tree = AdaptiveTree(full, cheap, node_priors(full))
     assert tree.choose(batch=1).num_nodes == 16
-    tree.cost = StepCost.linear(base=0.001, per_token=1.0)
+    tree.set_cost(StepCost.linear(base=0.001, per_token=1.0))
     assert tree.choose(batch=1) is None
     # Fixed mode ignores the cost.
     assert AdaptiveTree(full, tree.cost, node_priors(full), adaptive=False).choose(batch=1) is full
@@ -97,3 +105,40 @@ def test_observe_acceptance_counts_verified_and_accepted_nodes():
     tree.observe_acceptance(sub, np.array([2, 1]), np.array([2, 0]))
     assert tree.stats.verified.tolist() == [0, 2, 0, 1]
     assert tree.stats.accepted.tolist() == [0, 1, 0, 1]
+
+
+def _simulate(tree, step_seconds, batch: int, steps: int) -> list[int]:
+    """Run `steps` engine steps: choose a tree, 'run' it for step_seconds(tokens, nodes), report the time.
+    Returns the node count chosen at each step (0: no tree)."""
+    chosen = []
+    for _ in range(steps):
+        spec = tree.choose(batch=batch)
+        nodes = 0 if spec is None else spec.num_nodes
+        tokens = batch * (1 + nodes)
+        tree.observe_step(tokens, nodes > 0, step_seconds(tokens, nodes))
+        chosen.append(nodes)
+    return chosen
+
+
+@pytest.mark.parametrize("overhead_vs_gain, expect_trees", [(1.2, False), (0.1, True)])
+def test_tree_step_overhead_the_calibration_missed_is_learnt(overhead_vs_gain, expect_trees):
+    """The calibrated forward is flat (a tree looks free); real tree steps pay a fixed overhead on top.
+    Where that overhead outweighs the extra tokens the full tree brings, the schedule must settle on
+    no tree after a few steps; where it is small, it must keep speculating."""
+    from vllm_medusa.adaptive import AdaptiveTree
+
+    full = TreeSpec.preset("medusa-16")
+    forward = StepCost.linear(base=1.0, per_token=0.001)
+    tree = AdaptiveTree(full, forward, node_priors(full))
+    tree_overhead = overhead_vs_gain * tree.stats.acceptance().sum()  # in plain steps: the gain of the full tree
+
+    def step_seconds(tokens: int, nodes: int) -> float:
+        return 1.0 + 0.001 * tokens + (tree_overhead if nodes else 0.0)
+
+    chosen = _simulate(tree, step_seconds, batch=1, steps=40)
+    settled = chosen[-10:]
+    assert chosen[0] > 0  # the calibration alone makes a tree look worth it
+    if expect_trees:
+        assert min(settled) > 0
+    else:
+        assert max(settled) == 0

@@ -4,7 +4,9 @@ Two measured ingredients, both pure PyTorch/NumPy (no vLLM):
 
 * `StepCost`: t(x), the wall time of one engine step that feeds x tokens, as a piecewise-linear curve
   over a grid of token counts. It starts from a calibration (cached per machine and model) and
-  follows real steps online (exponential moving average per grid point).
+  follows real steps online (running mean per grid point, then an exponential moving average).
+  Steps with trees pay more than their token count says (tree attention, drafting, acceptance), so
+  they follow a curve of their own: `AdaptiveTree.cost` (plain steps) and `.tree_cost` (tree steps).
 * `NodeStats`: for every node of the full tree, how often it was accepted when it was verified
   (greedy: node v is accepted iff every token on its path is the base model's choice, whatever its
   siblings are). With q_v that probability, a subtree S yields 1 + sum_{v in S} q_v tokens per step in
@@ -12,7 +14,9 @@ Two measured ingredients, both pure PyTorch/NumPy (no vLLM):
 
 `choose_num_nodes` then picks n (0 = no speculation) maximising
     b * (1 + Q(n)) / t(other + b * (1 + n))
-for b requests that would get a tree and `other` tokens (prefill chunks) sharing the step.
+for b requests that would get a tree and `other` tokens (prefill chunks) sharing the step, with t the
+plain curve at n = 0 and the tree curve otherwise. Both start from the calibrated forward; the first
+tree steps then show what a tree really costs here, and where it does not pay, n = 0 wins.
 """
 
 from __future__ import annotations
@@ -34,7 +38,14 @@ class StepCost:
 
     sizes: np.ndarray
     seconds: np.ndarray
-    smoothing: float = 0.05  # weight of one observed step in its grid point's moving average
+    smoothing: float = 0.05  # least weight of one observed step in its grid point's average
+    observed: np.ndarray = field(init=False)  # [len(sizes)] observation weight received per grid point
+
+    def __post_init__(self) -> None:
+        self.observed = np.zeros(len(self.sizes))
+
+    def copy(self) -> StepCost:
+        return StepCost(self.sizes.copy(), self.seconds.copy(), self.smoothing)
 
     @classmethod
     def from_points(cls, points: dict[int, float]) -> StepCost:
@@ -54,7 +65,8 @@ class StepCost:
         return np.where(x > self.sizes[-1], self.seconds[-1] + slope * (x - self.sizes[-1]), inside)
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """Scale the grid points around `tokens` (linear weights) towards one measured step."""
+        """Scale the grid points around `tokens` (linear weights) towards one measured step: a running
+        mean over a point's first observations (the first replaces the calibration), then a moving average."""
         ratio = seconds / float(self(tokens))
         i = int(np.searchsorted(self.sizes, tokens))
         if i == 0 or i == len(self.sizes):
@@ -63,7 +75,9 @@ class StepCost:
             w_hi = (tokens - self.sizes[i - 1]) / (self.sizes[i] - self.sizes[i - 1])
             neighbours = [(i - 1, 1.0 - w_hi), (i, w_hi)]
         for j, weight in neighbours:
-            self.seconds[j] *= 1.0 + self.smoothing * weight * (ratio - 1.0)
+            self.observed[j] += weight
+            rate = max(self.smoothing * weight, weight / self.observed[j])
+            self.seconds[j] *= 1.0 + rate * (ratio - 1.0)
 
     def to_json(self) -> dict:
         return {"sizes": self.sizes.astype(int).tolist(), "seconds": self.seconds.tolist()}
@@ -148,13 +162,17 @@ def node_priors(tree: TreeSpec, accuracies: np.ndarray | None = None) -> np.ndar
     return prior
 
 
-def choose_num_nodes(q_ranked: np.ndarray, batch: int, other_tokens: int, cost: StepCost) -> int:
-    """n in 0..len(q_ranked) maximising batch * (1 + sum(q_ranked[:n])) / t(other + batch * (1 + n))."""
+def choose_num_nodes(
+    q_ranked: np.ndarray, batch: int, other_tokens: int, cost: StepCost, tree_cost: StepCost | None = None
+) -> int:
+    """n in 0..len(q_ranked) maximising batch * (1 + sum(q_ranked[:n])) / t(other + batch * (1 + n)),
+    t = `cost` at n = 0 and `tree_cost` (default: `cost`) for n > 0."""
     if batch <= 0:
         return 0
     n = np.arange(len(q_ranked) + 1)
     expected = batch * (1.0 + np.concatenate([[0.0], np.cumsum(q_ranked)]))
-    seconds = cost(other_tokens + batch * (1 + n))
+    tokens = other_tokens + batch * (1 + n)
+    seconds = np.where(n == 0, cost(tokens), (tree_cost or cost)(tokens))
     return int(np.argmax(expected / seconds))
 
 
@@ -164,18 +182,26 @@ class AdaptiveTree:
 
     def __init__(self, tree: TreeSpec, cost: StepCost, prior: np.ndarray, adaptive: bool = True) -> None:
         self.full = tree
-        self.cost = cost
+        self.set_cost(cost)
         self.adaptive = adaptive
         self.stats = NodeStats(tree, prior)
         self._index = {choice: i for i, choice in enumerate(tree.choices)}
         self._subtrees: dict[tuple, tuple[TreeSpec, np.ndarray]] = {}
+
+    def set_cost(self, cost: StepCost) -> None:
+        """Start both curves (plain and tree steps) from one calibrated curve."""
+        self.cost, self.tree_cost = cost, cost.copy()
+
+    def observe_step(self, tokens: int, with_tree: bool, seconds: float) -> None:
+        """One step's wall time, on the curve of its kind."""
+        (self.tree_cost if with_tree else self.cost).observe(tokens, seconds)
 
     def choose(self, batch: int, other_tokens: int = 0) -> TreeSpec | None:
         """This step's tree for `batch` requests (None: no speculation)."""
         if not self.adaptive:
             return self.full
         order, q = self.stats.ranking()
-        n = choose_num_nodes(q, batch, other_tokens, self.cost)
+        n = choose_num_nodes(q, batch, other_tokens, self.cost, self.tree_cost)
         if n == 0:
             return None
         return self._subtree(tuple(sorted(order[:n].tolist())))[0]

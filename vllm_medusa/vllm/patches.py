@@ -197,7 +197,7 @@ def _patch_runner() -> None:
         def _update_states(self, scheduler_output):
             tree = getattr(self, "_medusa", None)
             if tree is not None:
-                tree.forget(set(scheduler_output.finished_req_ids))
+                tree.begin_step(set(scheduler_output.finished_req_ids))
             return original(self, scheduler_output)
 
         return _update_states

@@ -72,7 +72,6 @@ class _Step:
     stale: np.ndarray  # [R] bool: drafts made with an older tree (request skipped a step): all rejected
     tree: TreeSpec  # the tree of this step's drafts
     num_tokens: int  # tokens fed this step, for the cost model
-    started: float  # perf_counter() at layout, for the cost model
 
 
 class TreeStep:
@@ -96,14 +95,17 @@ class TreeStep:
         self._last_positions: np.ndarray | None = None  # [R] tree position of each request's last accepted node
         self._acceptance_by_req: dict[str, Acceptance] = {}
         self._fallback_by_req: dict[str, bool] = {}
+        self._step_started = time.perf_counter()
         TREE_MODE.reset(enabled=True)
 
     def reset_stats(self) -> None:
         self.stats = TreeStats(accepted_per_depth=[0] * self.settings.tree.max_depth)
 
     # -- per-request options --------------------------------------------------------------------
-    def forget(self, req_ids: set[str]) -> None:
-        for req_id in req_ids:
+    def begin_step(self, finished_req_ids: set[str]) -> None:
+        """The runner starts a step (its state update): clock the step, drop finished requests' options."""
+        self._step_started = time.perf_counter()
+        for req_id in finished_req_ids:
             self._acceptance_by_req.pop(req_id, None)
             self._fallback_by_req.pop(req_id, None)
             self._tree_by_req.pop(req_id, None)
@@ -135,9 +137,7 @@ class TreeStep:
         )
         # With no current tree, only stale drafts can be scheduled; the full tree is wide enough for them.
         tree = self.tree or self.settings.tree
-        self._step = step = _Step(
-            num_nodes, root_rows, fallback, stale, tree, int(num_scheduled.sum()), time.perf_counter()
-        )
+        self._step = step = _Step(num_nodes, root_rows, fallback, stale, tree, int(num_scheduled.sum()))
         TREE_MODE.num_nodes = torch.from_numpy(num_nodes)
         TREE_MODE.ancestor_mask = tree.ancestor_mask
         if num_nodes.any() and "depth_positions" not in TREE_MODE.disabled_parts:
@@ -307,8 +307,9 @@ class TreeStep:
             if toks and not (step is not None and step.fallback[i])
         ]
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
-        if self.calibrate is not None:  # first step: measure the step-cost curve once
-            self.schedule.cost, self.calibrate = self.calibrate(runner), None
+        if self.calibrate is not None:  # first step: measure the step-cost curve once (not a step to time)
+            self.schedule.set_cost(self.calibrate(runner))
+            self.calibrate = step = None
         tree = self.schedule.choose(batch=len(active)) if active else None
         self.tree = tree
         if tree is not None:
@@ -324,8 +325,9 @@ class TreeStep:
             for row, i in enumerate(active):
                 drafts[i] = nodes[row]
                 self._tree_by_req[req_ids[i]] = tree
-        if step is not None:
-            self.schedule.cost.observe(step.num_tokens, time.perf_counter() - step.started)
+        if step is not None:  # the whole step, state update to drafts, so trees pay for all their work
+            seconds = time.perf_counter() - self._step_started
+            self.schedule.observe_step(step.num_tokens, bool(step.num_nodes.any()), seconds)
         return drafts
 
     @property
