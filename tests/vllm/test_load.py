@@ -188,7 +188,10 @@ def test_load_with_dropped_streams_and_preemption(server, reference, prompts):
     assert change["vllm:request_success_total"] >= len(jobs) - len(dropped)
     drafts, accepted = change["vllm:spec_decode_num_drafts_total"], change["vllm:spec_decode_num_accepted_tokens_total"]
     assert 0 < accepted <= change["vllm:spec_decode_num_draft_tokens_total"]
-    assert accepted / drafts >= 1.0  # tau >= 2: the oracle's deep paths were taken under load
+    # The oracle's deep paths were taken under load. Greedy requests (3 in 5) accept ~4 tokens a step from
+    # the oracle, sampled ones (2 in 5) almost none and so take ~5x more steps: ~0.9 accepted per draft
+    # step in all (0.94 at 200 requests, 1.12 at 50); without tree acceptance it would be ~0.
+    assert accepted / drafts >= 0.5
     # emitted = one prefill token per request + steps + accepted, less what max_tokens/EOS cut inside a path
     # (at most the oracle depth per request) and what dropped streams never produced
     generated = change["vllm:generation_tokens_total"]
