@@ -68,9 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from vllm_medusa.convert import ensure_smollm2
-    from vllm_medusa.shipped import default_heads
-
     from vllm_medusa.hardware import fast_dtype
+    from vllm_medusa.mtbench import chat_prompts
+    from vllm_medusa.shipped import default_heads
 
     args.dtype = args.dtype or fast_dtype()
     model_dir = ensure_smollm2(args.dtype)
@@ -89,19 +89,6 @@ def main(argv: list[str] | None = None) -> int:
                                  args.max_tokens, args.repeats)
     report(results, args, model_dir, heads_dir, num_prompts)
     return 0
-
-
-def chat_prompts(model_dir: Path, count: int) -> list[str]:
-    from transformers import AutoTokenizer
-
-    from vllm_medusa.mtbench import load_mtbench
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q.turns[0]}], tokenize=False,
-                                      add_generation_prompt=True)
-        for q in load_mtbench(limit=count)
-    ]
 
 
 def engine_kwargs(name: str, heads_dir: Path, scratch: Path) -> dict:
@@ -135,8 +122,9 @@ def run_batch(model_dir, dtype, engine_configs, prompts, batch, temperatures, ma
     for name, extra in engine_configs.items():
         print(f"[bench] batch {batch}: starting {name}", flush=True)
         per_request = {"per_request_spec_decode_metrics": "summary"} if extra else {}
+        # disable_log_stats=False: vLLM records per-request timestamps (the latency column) only with stats on
         engines[name] = LLM(model=str(model_dir), dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
-                            max_num_seqs=batch, **per_request, **extra)
+                            max_num_seqs=batch, disable_log_stats=False, **per_request, **extra)
     results = []
     try:
         for temperature in temperatures:

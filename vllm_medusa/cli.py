@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-tree": ("vllm_medusa.training.build_tree", "measure head accuracies, build a sparse tree"),
     "serve": ("vllm_medusa.serve", "start vLLM's OpenAI server with the plugin (CPU-build equivalent of `vllm serve`)"),
     "bench": ("vllm_medusa.bench", "side-by-side throughput benchmark through vLLM"),
+    "bench-serve": ("vllm_medusa.bench_serve", "the same configurations behind the OpenAI server, `vllm bench serve` client"),
     "calibrate": ("vllm_medusa.vllm.calibrate", "measure and cache this machine's step-cost curve for adaptive trees"),
 }
 

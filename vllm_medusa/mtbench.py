@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 
@@ -31,6 +32,18 @@ def load_mtbench(categories: Iterable[str] | None = None, limit: int | None = No
     questions = [_question(json.loads(line)) for line in text.splitlines() if line.strip()]
     selected = [q for q in questions if wanted is None or q.category in wanted]
     return selected if limit is None else selected[:limit]
+
+
+def chat_prompts(model_dir: str | Path, count: int) -> list[str]:
+    """The first `count` first turns as prompt strings, in the model's chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": q.turns[0]}], tokenize=False,
+                                      add_generation_prompt=True)
+        for q in load_mtbench(limit=count)
+    ]
 
 
 def _question(record: dict) -> Question:
