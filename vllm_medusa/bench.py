@@ -58,23 +58,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--temperatures", default="0,0.7")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--configs", default="plain,chain,ngram,tree-16,tree-32,adaptive")
+    add_model_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--dtype, --heads, --out: shared by the benchmarks of SmolLM2 with its shipped heads."""
     parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
                         help="default: the fast dtype of this machine (vllm_medusa.hardware.fast_dtype)")
     parser.add_argument("--heads", type=Path, default=None, help="default: the shipped SmolLM2 heads")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def resolve_model(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(model directory, heads directory) for the arguments of `add_model_arguments`; fills args.dtype."""
     from vllm_medusa.convert import ensure_smollm2
     from vllm_medusa.hardware import fast_dtype
-    from vllm_medusa.mtbench import chat_prompts
     from vllm_medusa.shipped import default_heads
 
     args.dtype = args.dtype or fast_dtype()
     model_dir = ensure_smollm2(args.dtype)
-    heads_dir = args.heads or default_heads(model_dir)
+    return model_dir, args.heads or default_heads(model_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from vllm_medusa.mtbench import chat_prompts
+
+    model_dir, heads_dir = resolve_model(args)
     num_prompts = args.prompts or (80 if args.full else 24)
     batches = [int(b) for b in (args.batch_sizes or ("1,2,4,8,16,32" if args.full else "1,4,16")).split(",")]
     temperatures = [float(t) for t in args.temperatures.split(",")]

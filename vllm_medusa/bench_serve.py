@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from vllm_medusa.bench import add_model_arguments, engine_kwargs, resolve_model
+
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms")
 START_TIMEOUT_S = 600
 
@@ -33,24 +35,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", default="1,4,16", help="comma list of client concurrencies")
     parser.add_argument("--configs", default="plain,ngram,tree-16,adaptive")
-    parser.add_argument("--dtype", default=None, choices=("bfloat16", "float32"),
-                        help="default: the fast dtype of this machine (vllm_medusa.hardware.fast_dtype)")
-    parser.add_argument("--heads", type=Path, default=None, help="default: the shipped SmolLM2 heads")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_model_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from vllm_medusa.bench import engine_kwargs
-    from vllm_medusa.convert import ensure_smollm2
-    from vllm_medusa.hardware import fast_dtype
     from vllm_medusa.mtbench import chat_prompts
-    from vllm_medusa.shipped import default_heads
 
-    args.dtype = args.dtype or fast_dtype()
-    model_dir = ensure_smollm2(args.dtype)
-    heads_dir = args.heads or default_heads(model_dir)
+    model_dir, heads_dir = resolve_model(args)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     results: dict[str, dict[int, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as scratch:
