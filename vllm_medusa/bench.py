@@ -29,12 +29,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# The engines of one batch size are alive together: each needs its own engine process.
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+def set_engine_environment() -> None:
+    """Before vLLM is imported: the engines of one batch size are alive together, so each needs its own
+    engine process; quiet logs, offline."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 @dataclass
@@ -83,6 +86,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_engine_environment()
     from vllm_medusa.mtbench import chat_prompts
 
     model_dir, heads_dir = resolve_model(args)

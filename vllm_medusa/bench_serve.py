@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from vllm_medusa.bench import add_model_arguments, engine_kwargs, resolve_model
+from vllm_medusa.bench import add_model_arguments, engine_kwargs, resolve_model, set_engine_environment
 
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms")
 START_TIMEOUT_S = 600
@@ -41,6 +41,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    set_engine_environment()
     from vllm_medusa.mtbench import chat_prompts
 
     model_dir, heads_dir = resolve_model(args)

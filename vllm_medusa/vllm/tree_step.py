@@ -21,6 +21,7 @@ decoding: counted in `TreeStats.fallback_steps`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -155,7 +156,9 @@ class TreeStep:
         step = self._step
         assert step is not None
         num_reqs = len(step.num_nodes)
-        tree = step.tree if spec_meta is not None else step.tree.truncated(1)  # no drafts: any tree will do
+        # Only the nodes some request has: positions past them would cost logits work for nothing (a
+        # step without trees still verifies a 1-node tree, whose node is never scheduled).
+        tree = _prefix(step.tree, max(1, int(step.num_nodes.max(initial=0))))
         width = tree.num_nodes + 1
         tokens = torch.full((num_reqs, width), -1, dtype=torch.long)
         if spec_meta is None:  # one logits row per request
@@ -353,6 +356,12 @@ def unsupported_reason(params: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _prefix(tree: TreeSpec, num_nodes: int) -> TreeSpec:
+    """The tree of the first `num_nodes` nodes (the tree itself when it has no more)."""
+    return tree if num_nodes >= tree.num_nodes else tree.truncated(num_nodes)
+
+
 def _paths_to(tree: TreeSpec, last: torch.Tensor) -> torch.Tensor:
     """Root-to-node tree positions [R, D+1] ending at each `last` position, -1 padded."""
     paths = torch.full((len(last), tree.max_depth + 1), -1, dtype=torch.long)
@@ -396,7 +405,8 @@ def _processed_logits(
     from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
     per_row = rows.shape[1]
-    sub = logits[rows.flatten()].float() / temperature.repeat_interleave(per_row)[:, None]
+    sub = logits.index_select(0, rows.flatten()).float()  # one copy, then in place: [G*(N+1), V] is large
+    sub.div_(temperature.repeat_interleave(per_row)[:, None])
     top_k = None if meta.top_k is None else meta.top_k[idx].repeat_interleave(per_row)
     top_p = None if meta.top_p is None else meta.top_p[idx].repeat_interleave(per_row)
     if top_k is not None or top_p is not None:
