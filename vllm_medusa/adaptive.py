@@ -75,6 +75,8 @@ class StepCost:
             w_hi = (tokens - self.sizes[i - 1]) / (self.sizes[i] - self.sizes[i - 1])
             neighbours = [(i - 1, 1.0 - w_hi), (i, w_hi)]
         for j, weight in neighbours:
+            if weight <= 0.0:  # `tokens` sits on the other grid point
+                continue
             self.observed[j] += weight
             rate = max(self.smoothing * weight, weight / self.observed[j])
             self.seconds[j] *= 1.0 + rate * (ratio - 1.0)

@@ -114,6 +114,7 @@ def _client(url: str, model_dir: Path, dataset: Path, args: argparse.Namespace, 
         "--dataset-name", "custom", "--dataset-path", str(dataset), "--skip-chat-template",
         "--num-prompts", str(args.prompts), "--max-concurrency", str(concurrency), "--ignore-eos",
         "--disable-shuffle", "--seed", "0", "--temperature", "0", "--num-warmups", str(min(concurrency, 4)),
+        "--percentile-metrics", "ttft,tpot,itl,e2el",
     ])
     result = serve.main(bench_args)
     if result.get("failed"):
