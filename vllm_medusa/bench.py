@@ -55,12 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="vllm-medusa bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="all 80 prompts, batch sizes 1..32")
-    parser.add_argument("--prompts", type=int, default=None, help="MT-Bench questions (default 24, --full 80)")
+    parser.add_argument("--prompts", type=int, default=None, help="MT-Bench questions (default 16, --full 80)")
     parser.add_argument("--batch-sizes", default=None, help="comma list (default 1,4,16; --full 1,2,4,8,16,32)")
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperatures", default="0,0.7")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--configs", default="plain,chain,ngram,tree-16,tree-32,adaptive")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds, medians (default 1, --full 3)")
+    parser.add_argument("--configs", default="plain,chain,ngram,tree-4,tree-16,adaptive")
     add_model_arguments(parser)
     return parser.parse_args(argv)
 
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_medusa.mtbench import chat_prompts
 
     model_dir, heads_dir = resolve_model(args)
-    num_prompts = args.prompts or (80 if args.full else 24)
+    num_prompts = args.prompts or (80 if args.full else 16)
+    args.repeats = args.repeats or (3 if args.full else 1)
     batches = [int(b) for b in (args.batch_sizes or ("1,2,4,8,16,32" if args.full else "1,4,16")).split(",")]
     temperatures = [float(t) for t in args.temperatures.split(",")]
     configs = args.configs.split(",")
