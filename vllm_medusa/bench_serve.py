@@ -13,15 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from vllm_medusa import server_process
 from vllm_medusa.bench import add_model_arguments, engine_kwargs, resolve_model, set_engine_environment
 
 METRICS = ("output_throughput", "median_ttft_ms", "median_tpot_ms", "median_e2el_ms")
@@ -62,15 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _server:
-    """`vllm-medusa serve` in its own process group on a free port; the context value is its base URL."""
+    """`vllm-medusa serve` on a free port (see server_process); the context value is its base URL."""
 
     def __init__(self, model_dir: Path, dtype: str, extra: dict, log: Path) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.args = [sys.executable, "-m", "vllm_medusa.cli", "serve", str(model_dir), "--host", "127.0.0.1",
-                     "--port", str(self.port), "--dtype", dtype, "--enforce-eager", "--max-model-len", "2048",
-                     "--seed", "0", "--max-num-seqs", "64"]
+        self.port = server_process.free_port()
+        self.args = [str(model_dir), "--host", "127.0.0.1", "--port", str(self.port), "--dtype", dtype,
+                     "--enforce-eager", "--max-model-len", "2048", "--seed", "0", "--max-num-seqs", "64"]
         for key, value in extra.items():  # speculative_config -> --speculative-config JSON
             self.args += [f"--{key.replace('_', '-')}", json.dumps(value)]
         self.log = log
@@ -78,28 +72,17 @@ class _server:
     def __enter__(self) -> str:
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
                "HF_HUB_OFFLINE": "1"}
-        self.process = subprocess.Popen(self.args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)
+        self.process = server_process.start(self.args, env, self.log)
         url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"vllm-medusa bench-serve: the server exited at start-up:\n"
-                                 + "\n".join(self.log.read_text().splitlines()[-20:]))
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                return url
-            except OSError:
-                time.sleep(1)
-        self.__exit__()
-        raise SystemExit(f"vllm-medusa bench-serve: the server did not start in {START_TIMEOUT_S} s")
+        try:
+            server_process.wait_ready(self.process, url, self.log, START_TIMEOUT_S)
+        except server_process.ServerStartError as error:
+            self.__exit__()
+            raise SystemExit(f"vllm-medusa bench-serve: {error}") from None
+        return url
 
     def __exit__(self, *exc) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        server_process.stop(self.process)
 
 
 def _client(url: str, model_dir: Path, dataset: Path, args: argparse.Namespace, concurrency: int) -> dict:

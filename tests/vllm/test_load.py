@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import BASE_ENGINE_ARGS, ORACLE, make_prompts, shutdown, write_oracle
-from test_server import (
-    REQUEST_TIMEOUT_S, _counter, _free_port, _post, _server_env, _start, _stop, _tail, _wait_ready,
-)
+from test_server import REQUEST_TIMEOUT_S, START_TIMEOUT_S, _counter, _post, _server_env
+
+from vllm_medusa import server_process
 
 pytestmark = pytest.mark.vllm
 
@@ -129,7 +129,7 @@ def reference(smollm2_f32, prompts, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(smollm2_f32, oracle_heads, reference, tmp_path_factory):
     """(url, process) of a Medusa server on a small KV budget."""
-    port = _free_port()
+    port = server_process.free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("load_server") / "server.log"
     args = [str(smollm2_f32), "--speculative-model", "medusa", "--port", str(port), "--host", "127.0.0.1",
@@ -137,12 +137,12 @@ def server(smollm2_f32, oracle_heads, reference, tmp_path_factory):
             "--max-num-seqs", str(CONCURRENCY), "--num-gpu-blocks-override", str(KV_BLOCKS),
             "--additional-config", json.dumps({"medusa": {"proposer": ORACLE, "adaptive": False}})]
     env = _server_env(VLLM_MEDUSA_HEADS=str(oracle_heads), MEDUSA_ORACLE_FILE=str(reference[1]))
-    process = _start(args, env, log)
+    process = server_process.start(args, env, log)
     try:
-        _wait_ready(process, url, log)
+        server_process.wait_ready(process, url, log, START_TIMEOUT_S)
         yield url, process, log
     finally:
-        _stop(process)
+        server_process.stop(process)
 
 
 def test_load_with_dropped_streams_and_preemption(server, reference, prompts):
@@ -175,7 +175,7 @@ def test_load_with_dropped_streams_and_preemption(server, reference, prompts):
     print(f"{len(jobs)} requests, {len(dropped)} dropped streams; counters {change}; "
           f"RSS {rss_first / 2**20:.0f} -> {rss_end / 2**20:.0f} MiB")
 
-    assert idle, f"requests left in the engine after the clients finished:\n{_tail(log)}"
+    assert idle, f"requests left in the engine after the clients finished:\n{server_process.tail(log)}"
     for job in jobs:
         if job.drop_after is not None:
             continue

@@ -11,11 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import BASE_ENGINE_ARGS, ORACLE, shutdown, write_oracle
+
+from vllm_medusa import server_process
 
 pytestmark = pytest.mark.vllm
 
@@ -44,53 +41,10 @@ class Reference:
 
 
 # -- a server process ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _server_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_MEDUSA_HEADS", "VLLM_ENABLE_V1_MULTIPROCESSING")}
     env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", **extra)
     return env
-
-
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "vllm_medusa.cli", "serve", *args]
-    with log.open("w") as out:  # a file, not a pipe: a full pipe would stall the server
-        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (API server and engine core), SIGKILL what is left after 30 s."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def _wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode} during start-up:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(2)
-    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{_tail(log)}")
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -142,18 +96,18 @@ def reference(smollm2_f32, tmp_path_factory) -> Reference:
 @pytest.fixture(scope="module")
 def server(smollm2_f32, oracle_heads, reference, tmp_path_factory) -> Iterator[str]:
     """The base URL of a running `vllm-medusa serve BASE --speculative-model medusa`."""
-    port = _free_port()
+    port = server_process.free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = [str(smollm2_f32), "--speculative-model", "medusa", "--port", str(port), *SERVER_ARGS,
             "--additional-config", json.dumps({"medusa": {"proposer": ORACLE, "adaptive": False}})]
     env = _server_env(VLLM_MEDUSA_HEADS=str(oracle_heads), MEDUSA_ORACLE_FILE=str(reference.oracle_file))
-    process = _start(args, env, log)
+    process = server_process.start(args, env, log)
     try:
-        _wait_ready(process, url, log)
+        server_process.wait_ready(process, url, log, START_TIMEOUT_S)
         yield url
     finally:
-        _stop(process)
+        server_process.stop(process)
 
 
 # -- the running server ---------------------------------------------------------------------------
@@ -221,12 +175,12 @@ def _base_without_heads(model_dir: Path, target: Path) -> Path:
 def test_bare_medusa_without_heads_fails_at_start_listing_where_it_looked(smollm2_f32, tmp_path):
     base = _base_without_heads(smollm2_f32, tmp_path / "base")
     log = tmp_path / "server.log"
-    process = _start([str(base), "--speculative-model", "medusa", "--port", str(_free_port()), *SERVER_ARGS],
+    process = server_process.start([str(base), "--speculative-model", "medusa", "--port", str(server_process.free_port()), *SERVER_ARGS],
                      _server_env(), log)
     try:
         process.wait(timeout=START_TIMEOUT_S)
     finally:
-        _stop(process)
+        server_process.stop(process)
     output = log.read_text()
     assert process.returncode != 0
     assert "vllm-medusa: error: speculative method 'medusa' needs Medusa heads and none were found" in output
