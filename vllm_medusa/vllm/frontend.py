@@ -80,13 +80,6 @@ def prepare_speculative_config(
         raise MedusaConfigError(f"Medusa heads directory {heads_dir} does not exist")
     settings = load_settings(heads_dir, additional_config)
     _check_heads_match(heads_dir, target_model_config)
-    if settings.proposer is None:
-        # Load the heads once here: vLLM parses the weights' headers while it builds the draft config,
-        # where a damaged file would surface as an unrelated error from deep inside vLLM.
-        from vllm_medusa.checkpoint import load_heads
-
-        hf = target_model_config.hf_config
-        load_heads(heads_dir, hidden_size=hf.hidden_size, vocab_size=hf.vocab_size)
     num_nodes = settings.tree.num_nodes
     if num_nodes > MAX_NODES:
         raise MedusaConfigError(f"the tree has {num_nodes} nodes; vLLM verifies at most {MAX_NODES} per request")
@@ -99,6 +92,8 @@ def prepare_speculative_config(
             f"the number of tree nodes to verify (1..{num_nodes}); leave it out to use the whole tree"
         )
     verified = int(spec["num_speculative_tokens"])
+    if settings.proposer is None:
+        _check_heads_fit_tree(heads_dir, target_model_config, settings.tree.truncated(verified))
     # A request's root and nodes go in one step: a budget below that would cut every tree.
     if max_num_batched_tokens is not None and verified + 1 > max_num_batched_tokens:
         raise MedusaConfigError(
@@ -107,6 +102,23 @@ def prepare_speculative_config(
             f"tree (additional_config {{\"medusa\": {{\"num_nodes\": {max_num_batched_tokens - 1}}}}})"
         )
     return spec
+
+
+def _check_heads_fit_tree(heads_dir: Path, target_model_config: Any, tree: Any) -> None:
+    """Load the heads here, before the engine: vLLM parses the weights' headers while it builds the draft
+    config, where a damaged file would surface as an unrelated error from deep inside vLLM; and a tree the
+    heads cannot fill is refused before the base model loads."""
+    from vllm_medusa.checkpoint import load_heads
+
+    hf = target_model_config.hf_config
+    heads, _ = load_heads(heads_dir, hidden_size=hf.hidden_size, vocab_size=hf.vocab_size)
+    if tree.max_depth > heads.num_heads:
+        raise MedusaConfigError(f"the tree is {tree.max_depth} deep but {heads_dir} has {heads.num_heads} heads")
+    if tree.topk > heads.truncated_vocab_size:
+        raise MedusaConfigError(
+            f"the tree uses each head's top-{tree.topk} tokens but the heads in {heads_dir} "
+            f"score only {heads.truncated_vocab_size} tokens"
+        )
 
 
 def _check_heads_match(heads_dir: Path, target_model_config: Any) -> None:

@@ -47,15 +47,6 @@ def create_tree_step(vllm_config: Any) -> TreeStep | None:
         vocab_size=model_config.get_vocab_size(),
         dtype=model_config.dtype,
     )
-    if settings.tree.max_depth > heads.num_heads:
-        raise MedusaConfigError(
-            f"the tree is {settings.tree.max_depth} deep but {settings.heads_dir} has {heads.num_heads} heads"
-        )
-    if settings.tree.topk > heads.truncated_vocab_size:
-        raise MedusaConfigError(
-            f"the tree uses each head's top-{settings.tree.topk} tokens but the heads in {settings.heads_dir} "
-            f"score only {heads.truncated_vocab_size} tokens"
-        )
     logger.info(
         "vllm-medusa: tree Medusa with %d nodes (depth %d) and %d heads from %s",
         settings.tree.num_nodes, settings.tree.max_depth, heads.num_heads, settings.heads_dir,
