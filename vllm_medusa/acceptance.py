@@ -42,10 +42,11 @@ def sample_from_probs(probs: Tensor, uniforms: Tensor) -> Tensor:
     never returned. The CDF is summed in float64 so rounding cannot shift mass between tokens.
     """
     cdf = probs.double().cumsum(dim=-1)
-    target = uniforms.double().unsqueeze(-1) * cdf[..., -1:]
-    index = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # u * total can round up to the total (u close to 1); that must give the last token with mass, not V.
-    last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    total = cdf[..., -1:].contiguous()
+    index = torch.searchsorted(cdf, uniforms.double().unsqueeze(-1) * total, right=True).squeeze(-1)
+    # u * total can round up to the total (u close to 1); that must give a token with mass, not V: the first
+    # index where the CDF reaches the total has mass (the CDF rose there).
+    last_with_mass = torch.searchsorted(cdf, total).squeeze(-1)
     return torch.minimum(index, last_with_mass)
 
 
@@ -140,6 +141,8 @@ def accept_lossless(
         path[:, d + 1] = torch.where(descend, current, -1)
         accepted += descend.long()
         alive = descend
+        if not alive.any():
+            break  # every bonus is drawn: no further draw would be used
     return _emit(tokens, path, accepted, bonus)
 
 

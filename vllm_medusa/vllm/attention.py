@@ -178,7 +178,11 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
             self.shadow = torch.zeros(num_blocks * block_size, num_kv_heads, width, dtype=kv_cache.dtype)
             TREE_MODE.layers.append((self, layer, kv_cache))
         n = slot_mapping.shape[0]
-        self.shadow[slot_mapping.long()] = torch.cat([key[:n], value[:n]], dim=-1).to(self.shadow.dtype)
+        slots, rows = slot_mapping.long(), torch.cat([key[:n], value[:n]], dim=-1).to(self.shadow.dtype)
+        if bool((slots < 0).any()):  # padding rows (slot -1) are not cached, as in vLLM's own writer
+            keep = slots >= 0
+            slots, rows = slots[keep], rows[keep]
+        self.shadow.index_copy_(0, slots, rows)
 
     @staticmethod
     def move_kv(layers: list[tuple[Any, Any, torch.Tensor]], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
