@@ -11,12 +11,15 @@ Two measured ingredients, both pure PyTorch/NumPy (no vLLM):
   (greedy: node v is accepted iff every token on its path is the base model's choice, whatever its
   siblings are). With q_v that probability, a subtree S yields 1 + sum_{v in S} q_v tokens per step in
   expectation, so the best subtree of each size n is the n nodes of highest q: a nested family.
+  Acceptance differs by rule (greedy accepts far more than lossless sampling at T=0.7), so each rule
+  keeps its own statistics and a step ranks nodes by their mean q over its requests' rules.
 
 `choose_num_nodes` then picks n (0 = no speculation) maximising
     b * (1 + Q(n)) / t(other + b * (1 + n))
 for b requests that would get a tree and `other` tokens (prefill chunks) sharing the step, with t the
 plain curve at n = 0 and the tree curve otherwise. Both start from the calibrated forward; the first
-tree steps then show what a tree really costs here, and where it does not pay, n = 0 wins.
+tree steps then show what a tree really costs here, and where it does not pay, n = 0 wins. Where a tree
+wins narrowly, a few steps still run without one, so both curves stay measured.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -132,15 +136,17 @@ class NodeStats:
                 q[i - 1] = min(q[i - 1], q[parents[i] - 1])
         return q
 
-    def ranking(self) -> tuple[np.ndarray, np.ndarray]:
-        """Node indices (0-based, tree order) by decreasing q, shallower first on ties, and their q.
 
-        Every prefix of this ranking is prefix-closed, so each is a valid subtree.
-        """
-        q = self.acceptance()
-        depth = self.tree.depths.numpy()[1:]
-        order = np.lexsort((np.arange(len(q)), depth, -q))
-        return order, q[order]
+
+def rank_nodes(tree: TreeSpec, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Node indices (0-based, tree order) by decreasing q, shallower first on ties, and their q.
+
+    With q monotone along paths (`NodeStats.acceptance`, or a weighted mean of such), every prefix of
+    this ranking is prefix-closed, so each is a valid subtree.
+    """
+    depth = tree.depths.numpy()[1:]
+    order = np.lexsort((np.arange(len(q)), depth, -q))
+    return order, q[order]
 
 
 def node_priors(tree: TreeSpec, accuracies: np.ndarray | None = None) -> np.ndarray:
@@ -166,27 +172,42 @@ def node_priors(tree: TreeSpec, accuracies: np.ndarray | None = None) -> np.ndar
 
 def choose_num_nodes(
     q_ranked: np.ndarray, batch: int, other_tokens: int, cost: StepCost, tree_cost: StepCost | None = None
-) -> int:
+) -> tuple[int, float]:
     """n in 0..len(q_ranked) maximising batch * (1 + sum(q_ranked[:n])) / t(other + batch * (1 + n)),
-    t = `cost` at n = 0 and `tree_cost` (default: `cost`) for n > 0."""
+    t = `cost` at n = 0 and `tree_cost` (default: `cost`) for n > 0; and the predicted gain of n over
+    no speculation (the ratio of the two tokens/s)."""
     if batch <= 0:
-        return 0
+        return 0, 1.0
     n = np.arange(len(q_ranked) + 1)
     expected = batch * (1.0 + np.concatenate([[0.0], np.cumsum(q_ranked)]))
     tokens = other_tokens + batch * (1 + n)
     seconds = np.where(n == 0, cost(tokens), (tree_cost or cost)(tokens))
-    return int(np.argmax(expected / seconds))
+    rate = expected / seconds
+    best = int(np.argmax(rate))
+    return best, float(rate[best] / rate[0])
 
 
 class AdaptiveTree:
     """The tree of each step: a prefix of the acceptance ranking of the full tree, sized by the cost
-    model (or always the full tree when `adaptive` is False), learning from every verified step."""
+    model (or always the full tree when `adaptive` is False), learning from every verified step.
+
+    Requests are described by their acceptance rule (e.g. "greedy", "lossless", "typical"): each rule
+    has its own `NodeStats`, all starting from `prior`.
+    """
+
+    # A tree predicted to gain less than this over no speculation is a close call that the cost curves'
+    # noise could reverse, so every `explore_every`-th such step runs without a tree, to keep the plain
+    # curve measured as recently as the tree curve (otherwise steps without trees stop being observed).
+    close_call = 1.15
+    explore_every = 8
 
     def __init__(self, tree: TreeSpec, cost: StepCost, prior: np.ndarray, adaptive: bool = True) -> None:
         self.full = tree
         self.set_cost(cost)
         self.adaptive = adaptive
-        self.stats = NodeStats(tree, prior)
+        self.prior = prior
+        self._close_calls = 0
+        self.stats: dict[str, NodeStats] = {}
         self._index = {choice: i for i, choice in enumerate(tree.choices)}
         self._subtrees: dict[tuple, tuple[TreeSpec, np.ndarray]] = {}
 
@@ -198,12 +219,28 @@ class AdaptiveTree:
         """One step's wall time, on the curve of its kind."""
         (self.tree_cost if with_tree else self.cost).observe(tokens, seconds)
 
-    def choose(self, batch: int, other_tokens: int = 0) -> TreeSpec | None:
-        """This step's tree for `batch` requests (None: no speculation)."""
+    def rule_stats(self, rule: str) -> NodeStats:
+        if rule not in self.stats:
+            self.stats[rule] = NodeStats(self.full, self.prior)
+        return self.stats[rule]
+
+    def acceptance(self, rules: Sequence[str]) -> np.ndarray:
+        """[N] expected acceptance of each node for a batch of requests with these rules (their mean)."""
+        names, counts = np.unique(np.asarray(rules), return_counts=True)
+        return sum(c * self.rule_stats(str(r)).acceptance() for r, c in zip(names, counts)) / counts.sum()
+
+    def choose(self, rules: Sequence[str], other_tokens: int = 0) -> TreeSpec | None:
+        """This step's tree for requests with these acceptance rules, one per request (None: no speculation)."""
         if not self.adaptive:
             return self.full
-        order, q = self.stats.ranking()
-        n = choose_num_nodes(q, batch, other_tokens, self.cost, self.tree_cost)
+        if not len(rules):
+            return None
+        order, q = rank_nodes(self.full, self.acceptance(rules))
+        n, gain = choose_num_nodes(q, len(rules), other_tokens, self.cost, self.tree_cost)
+        if n > 0 and gain < self.close_call:
+            self._close_calls += 1
+            if self._close_calls % self.explore_every == 0:
+                return None
         if n == 0:
             return None
         return self._subtree(tuple(sorted(order[:n].tolist())))[0]
@@ -216,18 +253,23 @@ class AdaptiveTree:
             self._subtrees[nodes] = (tree, full_index)
         return self._subtrees[nodes]
 
-    def observe_acceptance(self, tree: TreeSpec, num_nodes: np.ndarray, last_positions: np.ndarray) -> None:
-        """One verified step of `tree`: request r had its first num_nodes[r] nodes verified and accepted
-        the path ending at last_positions[r]."""
+    def observe_acceptance(
+        self, tree: TreeSpec, num_nodes: np.ndarray, last_positions: np.ndarray, rules: np.ndarray
+    ) -> None:
+        """One verified step of `tree`: request r (acceptance rule rules[r]) had its first num_nodes[r]
+        nodes verified and accepted the path ending at last_positions[r]."""
         if tree is self.full:
             full_index = np.arange(tree.num_nodes)
         else:
             full_index = self._subtree(tuple(sorted(self._index[c] for c in tree.choices)))[1]
         positions = np.arange(1, tree.num_nodes + 1)
-        verified = (num_nodes[:, None] >= positions[None, :]).sum(axis=0)
-        accepted = tree.ancestor_mask.numpy()[last_positions].sum(axis=0)[1:]
-        v = np.zeros(self.full.num_nodes)
-        a = np.zeros(self.full.num_nodes)
-        np.add.at(v, full_index, verified)
-        np.add.at(a, full_index, accepted)
-        self.stats.observe(v, a)
+        ancestors = tree.ancestor_mask.numpy()
+        for rule in np.unique(rules):
+            members = rules == rule
+            verified = (num_nodes[members, None] >= positions[None, :]).sum(axis=0)
+            accepted = ancestors[last_positions[members]].sum(axis=0)[1:]
+            v = np.zeros(self.full.num_nodes)
+            a = np.zeros(self.full.num_nodes)
+            np.add.at(v, full_index, verified)
+            np.add.at(a, full_index, accepted)
+            self.rule_stats(str(rule)).observe(v, a)

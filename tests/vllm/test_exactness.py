@@ -160,7 +160,7 @@ def test_exact_while_the_tree_changes_every_step(medusa, prompts, reference):
         full = tree_step.settings.tree
         family = [full, full.truncated(3), None, full.truncated(7), full.truncated(1)]
         counter = iter(range(10**9))
-        tree_step.schedule.choose = lambda batch, other_tokens=0: family[next(counter) % len(family)]
+        tree_step.schedule.choose = lambda rules, other_tokens=0: family[next(counter) % len(family)]
 
     def restore(worker):
         del worker.model_runner._medusa.schedule.choose  # back to the class method

@@ -267,7 +267,7 @@ def trees_changing_every_step(llm) -> Iterator[None]:
         full = tree_step.settings.tree
         family = [full.truncated(2), None, full, full.truncated(4)]
         counter = itertools.count()
-        tree_step.schedule.choose = lambda batch, other_tokens=0: family[next(counter) % len(family)]
+        tree_step.schedule.choose = lambda rules, other_tokens=0: family[next(counter) % len(family)]
 
     def restore(worker) -> None:
         del worker.model_runner._medusa.schedule.choose  # back to the class method

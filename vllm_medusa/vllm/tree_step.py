@@ -97,6 +97,7 @@ class TreeStep:
         self._acceptance_by_req: dict[str, Acceptance] = {}
         self._fallback_by_req: dict[str, bool] = {}
         self._step_started = time.perf_counter()
+        self._timed: tuple[int, bool, float] | None = None  # (tokens, with a tree, runner seconds) of the last step
         TREE_MODE.reset(enabled=True)
 
     def reset_stats(self) -> None:
@@ -104,8 +105,20 @@ class TreeStep:
 
     # -- per-request options --------------------------------------------------------------------
     def begin_step(self, finished_req_ids: set[str]) -> None:
-        """The runner starts a step (its state update): clock the step, drop finished requests' options."""
-        self._step_started = time.perf_counter()
+        """The runner starts a step (its state update): time the previous step, drop finished requests' options.
+
+        A step is timed from its start to the next step's start, so the cost model sees everything a
+        step costs the engine (scheduling, output processing), not the model runner's part only; a
+        period more than twice the runner's part had the engine idle in between and is not used.
+        """
+        now = time.perf_counter()
+        if self._timed is not None:
+            tokens, with_tree, runner_seconds = self._timed
+            period = now - self._step_started
+            if period <= 2 * runner_seconds:
+                self.schedule.observe_step(tokens, with_tree, period)
+            self._timed = None
+        self._step_started = now
         for req_id in finished_req_ids:
             self._acceptance_by_req.pop(req_id, None)
             self._fallback_by_req.pop(req_id, None)
@@ -116,6 +129,13 @@ class TreeStep:
             params = runner.requests[req_id].sampling_params
             self._acceptance_by_req[req_id] = self.settings.acceptance.for_request(params.extra_args)
         return self._acceptance_by_req[req_id]
+
+    def _rules(self, runner: Any, num_reqs: int) -> np.ndarray:
+        """[R] acceptance rule of each request this step: greedy, lossless or typical."""
+        greedy = (_temperatures(runner, num_reqs) < _SAMPLING_EPS).tolist()
+        modes = [self._request_acceptance(runner, r).mode for r in runner.input_batch.req_ids[:num_reqs]]
+        rules = ["greedy" if g else ("typical" if m == "typical" else "lossless") for g, m in zip(greedy, modes)]
+        return np.array(rules, dtype="<U8")
 
     def _request_falls_back(self, runner: Any, req_id: str) -> bool:
         if req_id not in self._fallback_by_req:
@@ -215,15 +235,10 @@ class TreeStep:
         Fallback rows are left to vLLM's sampler (no work or random draws spent on them)."""
         num_reqs = tokens.shape[0]
         meta = runner.input_batch.sampling_metadata
-        temperature = (
-            torch.zeros(num_reqs) if meta.temperature is None else meta.temperature[:num_reqs].float().cpu()
-        )
+        temperature = _temperatures(runner, num_reqs)
         req_ids = runner.input_batch.req_ids[:num_reqs]
         modes = [self._request_acceptance(runner, r) for r in req_ids]
-        greedy = temperature < _SAMPLING_EPS
-        ours = torch.from_numpy(~fallback)
-        rules = np.array(["greedy" if g else ("typical" if m.mode == "typical" else "lossless")
-                          for g, m in zip(greedy.tolist(), modes)])
+        rules = self._rules(runner, num_reqs)
         out = torch.full((num_reqs, tree.max_depth + 1), -1, dtype=torch.long)
         emitted = torch.ones(num_reqs, dtype=torch.long)
         last = torch.zeros(num_reqs, dtype=torch.long)
@@ -233,16 +248,13 @@ class TreeStep:
             emitted[members] = result.num_emitted
             last[members] = result.path.gather(1, (result.num_emitted - 1)[:, None]).squeeze(1)
 
-        greedy_idx = (greedy & ours).nonzero().flatten()
+        greedy_idx = torch.from_numpy(np.flatnonzero((rules == "greedy") & ~fallback))
         if greedy_idx.numel():
             # max().indices: the first maximum, as argmax, but ~5x faster on bf16 CPU logits
             targets = logits.max(dim=-1).indices[rows[greedy_idx]].cpu()
             put(greedy_idx, accept_greedy_targets(tree, tokens[greedy_idx], targets))
         for typical in (False, True):
-            idx = torch.tensor(
-                [i for i in range(num_reqs) if ours[i] and not greedy[i] and (modes[i].mode == "typical") == typical],
-                dtype=torch.long,
-            )
+            idx = torch.from_numpy(np.flatnonzero((rules == ("typical" if typical else "lossless")) & ~fallback))
             if not idx.numel():
                 continue
             sub_logits = _processed_logits(logits, rows[idx], meta, idx, temperature[idx])
@@ -261,7 +273,9 @@ class TreeStep:
         with_tree = (step.num_nodes > 0) & ~step.fallback & ~step.stale
         if not with_tree.any():
             return
-        self.schedule.observe_acceptance(step.tree, step.num_nodes[with_tree], last_pos.numpy()[with_tree])
+        self.schedule.observe_acceptance(
+            step.tree, step.num_nodes[with_tree], last_pos.numpy()[with_tree], rules[with_tree]
+        )
         self.stats.steps += 1
         self.stats.trees += int(with_tree.sum())
         self.stats.cut_trees += int((step.num_nodes[with_tree] < step.tree.num_nodes).sum())
@@ -314,7 +328,7 @@ class TreeStep:
         if self.calibrate is not None:  # first step: measure the step-cost curve once (not a step to time)
             self.schedule.set_cost(self.calibrate(runner))
             self.calibrate = step = None
-        tree = self.schedule.choose(batch=len(active)) if active else None
+        tree = self.schedule.choose(self._rules(runner, num_reqs)[active]) if active else None
         self.tree = tree
         if tree is not None:
             hidden = sample_hidden_states[torch.from_numpy(hidden_rows[active])]
@@ -329,9 +343,8 @@ class TreeStep:
             for row, i in enumerate(active):
                 drafts[i] = nodes[row]
                 self._tree_by_req[req_ids[i]] = tree
-        if step is not None:  # the whole step, state update to drafts, so trees pay for all their work
-            seconds = time.perf_counter() - self._step_started
-            self.schedule.observe_step(step.num_tokens, bool(step.num_nodes.any()), seconds)
+        if step is not None:  # timed when the next step begins (begin_step)
+            self._timed = (step.num_tokens, bool(step.num_nodes.any()), time.perf_counter() - self._step_started)
         return drafts
 
     @property
@@ -386,6 +399,12 @@ def _spread_rows(tensors: Any, width: int) -> Any:
     return LogprobsTensors(
         spread(tensors.logprob_token_ids), spread(tensors.logprobs), spread(tensors.selected_token_ranks)
     )
+
+
+def _temperatures(runner: Any, num_reqs: int) -> torch.Tensor:
+    """[R] float32 temperature of each request (vLLM leaves the tensor out when all are greedy)."""
+    meta = runner.input_batch.sampling_metadata
+    return torch.zeros(num_reqs) if meta.temperature is None else meta.temperature[:num_reqs].float().cpu()
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
