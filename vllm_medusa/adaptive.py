@@ -129,12 +129,12 @@ class NodeStats:
 
     def acceptance(self) -> np.ndarray:
         """[N] estimated q_v, made monotone along paths (a child never beats its parent)."""
-        q = (self.accepted + self.prior_weight * self.prior) / (self.verified + self.prior_weight)
-        parents = self.tree.parents.numpy()
-        for i in range(1, self.tree.num_nodes + 1):  # topological order: parents are final first
-            if parents[i] > 0:
-                q[i - 1] = min(q[i - 1], q[parents[i] - 1])
-        return q
+        q = np.concatenate([[1.0], (self.accepted + self.prior_weight * self.prior) / (self.verified + self.prior_weight)])
+        parents, depths = self.tree.parents.numpy(), self.tree.depths.numpy()
+        for depth in range(2, self.tree.max_depth + 1):  # shallower levels are final first
+            level = depths == depth
+            q[level] = np.minimum(q[level], q[parents[level]])
+        return q[1:]
 
 
 
