@@ -47,9 +47,22 @@ class StepCost:
 
     def __post_init__(self) -> None:
         self.observed = np.zeros(len(self.sizes))
+        self.calibrated = self.seconds.copy()
 
     def copy(self) -> StepCost:
         return StepCost(self.sizes.copy(), self.seconds.copy(), self.smoothing)
+
+    def curve(self) -> np.ndarray:
+        """[len(sizes)] seconds per grid point. A point no step has reached yet keeps the calibration's shape
+        but takes the scale (observed / calibrated) of its nearest observed point: real steps cost more than
+        the calibrated forward, and a point left at the bare forward would look far cheaper than its
+        observed neighbours."""
+        seen = np.flatnonzero(self.observed > 0)
+        if len(seen) == 0 or len(seen) == len(self.sizes):
+            return self.seconds
+        scale = self.seconds[seen] / self.calibrated[seen]
+        nearest = seen[np.abs(np.arange(len(self.sizes))[:, None] - seen[None, :]).argmin(axis=1)]
+        return np.where(self.observed > 0, self.seconds, self.calibrated * scale[np.searchsorted(seen, nearest)])
 
     @classmethod
     def from_points(cls, points: dict[int, float]) -> StepCost:
@@ -63,15 +76,17 @@ class StepCost:
 
     def __call__(self, tokens: np.ndarray | float) -> np.ndarray:
         x = np.asarray(tokens, dtype=np.float64)
-        inside = np.interp(x, self.sizes, self.seconds)
+        seconds = self.curve()
+        inside = np.interp(x, self.sizes, seconds)
         # Past the last grid point, extend the last segment's slope.
-        slope = (self.seconds[-1] - self.seconds[-2]) / (self.sizes[-1] - self.sizes[-2])
-        return np.where(x > self.sizes[-1], self.seconds[-1] + slope * (x - self.sizes[-1]), inside)
+        slope = (seconds[-1] - seconds[-2]) / (self.sizes[-1] - self.sizes[-2])
+        return np.where(x > self.sizes[-1], seconds[-1] + slope * (x - self.sizes[-1]), inside)
 
     def observe(self, tokens: int, seconds: float) -> None:
         """Scale the grid points around `tokens` (linear weights) towards one measured step: a running
         mean over a point's first observations (the first replaces the calibration), then a moving average."""
         ratio = seconds / float(self(tokens))
+        self.seconds = self.curve().copy()  # points observed for the first time start from their scaled value
         i = int(np.searchsorted(self.sizes, tokens))
         if i == 0 or i == len(self.sizes):
             neighbours = [(min(i, len(self.sizes) - 1), 1.0)]
@@ -196,10 +211,12 @@ class AdaptiveTree:
     """
 
     # A tree predicted to gain less than this over no speculation is a close call that the cost curves'
-    # noise could reverse, so every `explore_every`-th such step runs without a tree, to keep the plain
-    # curve measured as recently as the tree curve (otherwise steps without trees stop being observed).
+    # noise could reverse, so `explore_burst` of every `explore_every` such steps run without a tree, in
+    # a row, to keep the plain curve measured as recently as the tree curve (otherwise steps without
+    # trees stop being observed). In a row, because a step is only timed after a step of its own kind.
     close_call = 1.15
-    explore_every = 8
+    explore_every = 16
+    explore_burst = 3
 
     def __init__(self, tree: TreeSpec, cost: StepCost, prior: np.ndarray, adaptive: bool = True) -> None:
         self.full = tree
@@ -239,7 +256,7 @@ class AdaptiveTree:
         n, gain = choose_num_nodes(q, len(rules), other_tokens, self.cost, self.tree_cost)
         if n > 0 and gain < self.close_call:
             self._close_calls += 1
-            if self._close_calls % self.explore_every == 0:
+            if self._close_calls % self.explore_every < self.explore_burst:
                 return None
         if n == 0:
             return None

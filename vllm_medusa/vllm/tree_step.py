@@ -98,6 +98,7 @@ class TreeStep:
         self._fallback_by_req: dict[str, bool] = {}
         self._step_started = time.perf_counter()
         self._timed: tuple[int, bool, float] | None = None  # (tokens, with a tree, runner seconds) of the last step
+        self._previous_with_tree: bool | None = None  # whether the step before that had trees
         TREE_MODE.reset(enabled=True)
 
     def reset_stats(self) -> None:
@@ -108,15 +109,18 @@ class TreeStep:
         """The runner starts a step (its state update): time the previous step, drop finished requests' options.
 
         A step is timed from its start to the next step's start, so the cost model sees everything a
-        step costs the engine (scheduling, output processing), not the model runner's part only; a
-        period more than twice the runner's part had the engine idle in between and is not used.
+        step costs the engine (scheduling, output processing), not the model runner's part only. Not
+        used: a period more than twice the runner's part (the engine was idle in between), and a step
+        that follows a step of the other kind (with / without trees), which leaves work (output
+        processing of more or fewer tokens) that this step's period would be charged with.
         """
         now = time.perf_counter()
         if self._timed is not None:
             tokens, with_tree, runner_seconds = self._timed
             period = now - self._step_started
-            if period <= 2 * runner_seconds:
+            if period <= 2 * runner_seconds and with_tree == self._previous_with_tree:
                 self.schedule.observe_step(tokens, with_tree, period)
+            self._previous_with_tree = with_tree
             self._timed = None
         self._step_started = now
         for req_id in finished_req_ids:
