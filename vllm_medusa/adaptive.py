@@ -189,14 +189,16 @@ def choose_num_nodes(
     q_ranked: np.ndarray, batch: int, other_tokens: int, cost: StepCost, tree_cost: StepCost | None = None
 ) -> tuple[int, float]:
     """n in 0..len(q_ranked) maximising batch * (1 + sum(q_ranked[:n])) / t(other + batch * (1 + n)),
-    t = `cost` at n = 0 and `tree_cost` (default: `cost`) for n > 0; and the predicted gain of n over
+    t = `cost` at n = 0 and the larger of `tree_cost` (default: `cost`) and `cost` for n > 0; and the predicted gain of n over
     no speculation (the ratio of the two tokens/s)."""
     if batch <= 0:
         return 0, 1.0
     n = np.arange(len(q_ranked) + 1)
     expected = batch * (1.0 + np.concatenate([[0.0], np.cumsum(q_ranked)]))
     tokens = other_tokens + batch * (1 + n)
-    seconds = np.where(n == 0, cost(tokens), (tree_cost or cost)(tokens))
+    plain = cost(tokens)
+    # A tree step costs at least a plain step of as many tokens, whatever the (maybe unobserved) tree curve says.
+    seconds = np.where(n == 0, plain, np.maximum(plain, (tree_cost or cost)(tokens)))
     rate = expected / seconds
     best = int(np.argmax(rate))
     return best, float(rate[best] / rate[0])
