@@ -182,3 +182,12 @@ def test_close_calls_still_measure_steps_without_a_tree():
     assert all(c.num_nodes == 1 for c in chosen if c is not None)
     clear = AdaptiveTree(full, StepCost.linear(1.0, 0.0001), node_priors(full))
     assert all(clear.choose(["greedy"]) is not None for _ in range(4 * clear.explore_every))
+
+
+def test_a_tree_step_is_never_priced_below_a_plain_step_of_as_many_tokens():
+    """An unobserved tree curve still at the bare calibrated forward must not make trees look free next to an
+    observed (slower) plain curve: steep plain costs turn speculation off whatever the tree curve says."""
+    q = np.array([0.6, 0.4, 0.3])
+    steep = StepCost.linear(base=0.01, per_token=1.0)
+    free = StepCost.linear(base=0.01, per_token=0.0)
+    assert choose_num_nodes(q, batch=1, other_tokens=0, cost=steep, tree_cost=free)[0] == 0
