@@ -124,10 +124,23 @@ def build_tree_rows(
     return TreeRows(query_rows, query_valid, query_valid.flatten().nonzero().flatten(), key_slots, mask[:, None])
 
 
+def _engine_runs_trees(vllm_config: Any) -> bool:
+    """Whether the engine being built runs tree Medusa: TREE_MODE is process-wide, and a plain engine in the
+    same process (VLLM_ENABLE_V1_MULTIPROCESSING=0) must stay vLLM's own whatever the other engine does."""
+    from vllm_medusa.vllm.settings import tree_mode_requested
+
+    spec = None if vllm_config is None else vllm_config.speculative_config
+    return spec is not None and tree_mode_requested(spec.method, vllm_config.additional_config)
+
+
 class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.runs_trees = _engine_runs_trees(self.vllm_config)
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         native = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        if not TREE_MODE.enabled:
+        if not (self.runs_trees and TREE_MODE.enabled):
             return native
         m = common_attn_metadata
         TREE_MODE.slot_mapping = m.slot_mapping
@@ -148,6 +161,12 @@ class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 class TreeAttentionImpl(CPUAttentionBackendImpl):
     shadow: torch.Tensor | None = None  # [num_slots, kv_heads, 2 * head_size], token-major K|V
+
+    def __init__(self, *args, **kwargs):
+        from vllm.config import get_current_vllm_config_or_none
+
+        super().__init__(*args, **kwargs)
+        self.runs_trees = _engine_runs_trees(get_current_vllm_config_or_none())
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if not isinstance(attn_metadata, TreeAttentionMetadata):
@@ -171,7 +190,7 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        if not TREE_MODE.enabled:
+        if not (self.runs_trees and TREE_MODE.enabled):
             return
         if self.shadow is None:
             num_blocks, num_kv_heads, block_size, width = kv_cache.shape

@@ -22,9 +22,8 @@ logger = logging.getLogger("vllm_medusa")
 def create_tree_step(vllm_config: Any) -> TreeStep | None:
     """A TreeStep when this engine runs tree Medusa, else None (and tree attention stays off)."""
     spec = vllm_config.speculative_config
-    TREE_MODE.reset(enabled=False)
     if spec is None or not tree_mode_requested(spec.method, vllm_config.additional_config):
-        return None
+        return None  # TREE_MODE untouched: a tree engine may live in this process too (its layers check `runs_trees`)
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise MedusaConfigError("tree Medusa does not support pipeline parallelism (pipeline_parallel_size > 1)")
     settings = load_settings(spec.model, vllm_config.additional_config)
