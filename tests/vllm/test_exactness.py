@@ -175,6 +175,20 @@ def test_exact_while_the_tree_changes_every_step(medusa, prompts, reference):
     assert tree_stats(medusa)["trees"] > 0
 
 
+def test_plain_engine_in_the_same_process_stays_plain(medusa, smollm2_f32, prompts, reference):
+    """With VLLM_ENABLE_V1_MULTIPROCESSING=0 both engines share the process-wide tree mode: a plain engine
+    created next to a tree engine must neither take the tree path nor disturb the tree engine's KV moves."""
+    from vllm import LLM
+
+    plain = LLM(model=str(smollm2_f32), **BASE_ENGINE_ARGS)
+    for _ in range(2):  # interleaved, each engine's steps after the other's
+        assert _tokens(medusa.generate(prompts[:6], _greedy())) == _tokens(reference[:6])
+        assert _tokens(plain.generate(prompts[:6], _greedy())) == _tokens(reference[:6])
+    # Not shut down here: vLLM's shutdown of an in-process engine tears down the process-wide parallel groups
+    # the Medusa engine still uses. This test is the last to use `medusa`: the tests after it start tree
+    # engines of their own, and two tree engines in one process are not supported.
+
+
 @pytest.mark.parametrize(
     "engine_args, event",
     [
@@ -231,16 +245,3 @@ def _oracle_engine(model, heads, **engine_args):
 
 def _counter(llm, name: str) -> float:
     return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
-
-
-def test_plain_engine_in_the_same_process_stays_plain(medusa, smollm2_f32, prompts, reference):
-    """With VLLM_ENABLE_V1_MULTIPROCESSING=0 both engines share the process-wide tree mode: a plain engine
-    created next to a tree engine must neither take the tree path nor disturb the tree engine's KV moves."""
-    from vllm import LLM
-
-    plain = LLM(model=str(smollm2_f32), **BASE_ENGINE_ARGS)
-    for _ in range(2):  # interleaved, each engine's steps after the other's
-        assert _tokens(medusa.generate(prompts[:6], _greedy())) == _tokens(reference[:6])
-        assert _tokens(plain.generate(prompts[:6], _greedy())) == _tokens(reference[:6])
-    # Not shut down here: vLLM's shutdown of an in-process engine tears down the process-wide parallel groups
-    # the Medusa engine still uses; this test is last in the module for the same reason.
