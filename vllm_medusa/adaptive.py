@@ -152,7 +152,6 @@ class NodeStats:
         return q[1:]
 
 
-
 def rank_nodes(tree: TreeSpec, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Node indices (0-based, tree order) by decreasing q, shallower first on ties, and their q.
 
