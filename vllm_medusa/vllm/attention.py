@@ -32,6 +32,8 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_medusa.vllm.settings import engine_runs_trees
+
 
 @dataclass
 class TreeMode:
@@ -124,19 +126,12 @@ def build_tree_rows(
     return TreeRows(query_rows, query_valid, query_valid.flatten().nonzero().flatten(), key_slots, mask[:, None])
 
 
-def _engine_runs_trees(vllm_config: Any) -> bool:
-    """Whether the engine being built runs tree Medusa: TREE_MODE is process-wide, and a plain engine in the
-    same process (VLLM_ENABLE_V1_MULTIPROCESSING=0) must stay vLLM's own whatever the other engine does."""
-    from vllm_medusa.vllm.settings import tree_mode_requested
-
-    spec = None if vllm_config is None else vllm_config.speculative_config
-    return spec is not None and tree_mode_requested(spec.method, vllm_config.additional_config)
-
-
 class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.runs_trees = _engine_runs_trees(self.vllm_config)
+        # TREE_MODE is process-wide: a plain engine in the same process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        # must stay vLLM's own whatever a tree engine there does.
+        self.runs_trees = engine_runs_trees(self.vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         native = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -166,7 +161,7 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         from vllm.config import get_current_vllm_config_or_none
 
         super().__init__(*args, **kwargs)
-        self.runs_trees = _engine_runs_trees(get_current_vllm_config_or_none())
+        self.runs_trees = engine_runs_trees(get_current_vllm_config_or_none())
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs):
         if not isinstance(attn_metadata, TreeAttentionMetadata):

@@ -146,15 +146,12 @@ def _patch_request_validation() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_medusa.vllm.settings import Acceptance, tree_mode_requested
+    from vllm_medusa.vllm.settings import Acceptance, engine_runs_trees
 
     def make(original: Callable) -> Callable:
         def _validate_params(self, params, supported_tasks):
             result = original(self, params, supported_tasks)
-            config = self.vllm_config
-            spec = config.speculative_config
-            if (isinstance(params, SamplingParams) and params.extra_args and spec is not None
-                    and tree_mode_requested(spec.method, config.additional_config)):
+            if isinstance(params, SamplingParams) and params.extra_args and engine_runs_trees(self.vllm_config):
                 try:
                     Acceptance().for_request(params.extra_args)
                 except MedusaConfigError as error:
@@ -260,11 +257,10 @@ def _patch_medusa_proposer() -> None:
     """In tree mode the heads are ours (truncated vocabularies, top-k): skip vLLM's Medusa model."""
     from vllm.v1.spec_decode.medusa import MedusaProposer
 
-    from vllm_medusa.vllm.settings import tree_mode_requested
+    from vllm_medusa.vllm.settings import engine_runs_trees
 
     def tree_mode(proposer) -> bool:
-        config = proposer.vllm_config
-        return tree_mode_requested(config.speculative_config.method, config.additional_config)
+        return engine_runs_trees(proposer.vllm_config)
 
     def load(original):
         def load_model(self, target_model):

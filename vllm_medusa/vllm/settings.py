@@ -95,6 +95,12 @@ def tree_mode_requested(speculative_method: str | None, additional_config: dict[
     return mode == "tree"
 
 
+def engine_runs_trees(vllm_config: Any) -> bool:
+    """tree_mode_requested for a built engine config (None: no engine, e.g. outside vLLM's config context)."""
+    spec = None if vllm_config is None else vllm_config.speculative_config
+    return spec is not None and tree_mode_requested(spec.method, vllm_config.additional_config)
+
+
 def heads_config(heads_dir: str | Path) -> dict[str, Any]:
     path = Path(heads_dir) / "config.json"
     if not path.is_file():

@@ -13,7 +13,7 @@ from typing import Any
 from vllm_medusa.adaptive import AdaptiveTree, StepCost, node_priors
 from vllm_medusa.vllm.attention import TREE_MODE
 from vllm_medusa.vllm.calibrate import load_or_measure
-from vllm_medusa.vllm.settings import MedusaConfigError, load_settings, tree_mode_requested
+from vllm_medusa.vllm.settings import MedusaConfigError, engine_runs_trees, load_settings
 from vllm_medusa.vllm.tree_step import TreeStep
 
 logger = logging.getLogger("vllm_medusa")
@@ -22,7 +22,7 @@ logger = logging.getLogger("vllm_medusa")
 def create_tree_step(vllm_config: Any) -> TreeStep | None:
     """A TreeStep when this engine runs tree Medusa, else None (and tree attention stays off)."""
     spec = vllm_config.speculative_config
-    if spec is None or not tree_mode_requested(spec.method, vllm_config.additional_config):
+    if not engine_runs_trees(vllm_config):
         return None  # TREE_MODE untouched: a tree engine may live in this process too (its layers check `runs_trees`)
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise MedusaConfigError("tree Medusa does not support pipeline parallelism (pipeline_parallel_size > 1)")
