@@ -4,8 +4,11 @@ vLLM's CPU kernel masks causally only, has no log-sum-exp output and packs K/V p
 block, so a tree node's attention (prefix + its ancestors) cannot be computed by it or merged with
 it. Once the runner switches tree mode on, this backend therefore:
 
-* lets vLLM's native kernel do every row as usual (prefill, chunked prefill, plain decode and tree
-  roots are exactly causal, so those rows are already right), writing K/V in vLLM's own layout;
+* lets vLLM's native kernel do every row that is exactly causal (prefill, chunked prefill, plain
+  decode and tree roots), writing K/V in vLLM's own layout; each tree-node row is handed to it as a
+  sequence of its own that reads one key, so the kernel spends next to nothing on rows it would get
+  wrong (computed causally, a 16-node tree made its call 3.4x the cost of the root alone at 250
+  keys and 6x at 1,000);
 * keeps a token-major shadow copy of K/V per layer (`[num_slots, kv_heads, 2 * head_size]`), written
   next to the native cache, so any slot can be read with one indexing op whatever the ISA;
 * recomputes only the tree-node rows of the step, for all requests in one padded, masked
@@ -19,12 +22,14 @@ When tree mode is off, every method is vLLM's own.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from vllm import _custom_ops as ops
+from vllm import envs
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
     CPUAttentionBackendImpl,
@@ -53,11 +58,26 @@ class TreeMode:
     attention_calls: int = 0  # tree-row SDPA calls, for tests of batching
     disabled_parts: set[str] = field(default_factory=set)  # mutation checks in tests
 
+    _shadow_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
     def reset(self, enabled: bool) -> None:
         """A new engine in this process: forget the previous engine's layers and step."""
         self.enabled = enabled
-        self.ancestor_mask = self.num_nodes = self.slot_mapping = None
+        self.ancestor_mask = self.num_nodes = self.slot_mapping = self._shadow_slots = None
         self.layers.clear()
+
+    def shadow_slots(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(int64 slots, rows to keep or None) of a step's shadow write, worked out once for all layers.
+
+        Padding rows (slot -1) are not cached, as in vLLM's own writer."""
+        if self._shadow_slots is None or self._shadow_slots[0] is not slot_mapping:
+            slots = slot_mapping.long()
+            keep = None
+            if bool((slots < 0).any()):
+                keep = slots >= 0
+                slots = slots[keep]
+            self._shadow_slots = (slot_mapping, slots, keep)
+        return self._shadow_slots[1], self._shadow_slots[2]
 
 
 TREE_MODE = TreeMode()
@@ -126,6 +146,31 @@ def build_tree_rows(
     return TreeRows(query_rows, query_valid, query_valid.flatten().nonzero().flatten(), key_slots, mask[:, None])
 
 
+def split_node_rows(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_nodes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences for vLLM's kernel in which every tree-node row is a sequence of its own reading 1 key.
+
+    query_start_loc: [>= R+1], seq_lens: [>= R], num_nodes: [R] (request i's last num_nodes[i] rows are
+    nodes). Returns query_start_loc [S+1], seq_lens [S] (same dtypes) and owner [S] (the request of
+    each sequence, for its block-table row), S = R + sum(num_nodes): request i's own rows (its root,
+    or a prefill chunk) keep their causal attention with seq_len cut to end at the root; each node
+    row then reads the request's first key only, a cheap placeholder that the tree-row recompute
+    overwrites.
+    """
+    num_reqs = len(num_nodes)
+    n = num_nodes.long()
+    owner = torch.repeat_interleave(torch.arange(num_reqs), 1 + n)
+    first = torch.ones(len(owner), dtype=torch.bool)
+    first[1:] = owner[1:] != owner[:-1]
+    own_rows = (query_start_loc[1 : num_reqs + 1] - query_start_loc[:num_reqs]).long() - n
+    rows = torch.where(first, own_rows[owner], 1)
+    lens = torch.where(first, seq_lens[:num_reqs].long()[owner] - n[owner], 1)
+    starts = torch.zeros(len(owner) + 1, dtype=torch.long)
+    torch.cumsum(rows, 0, out=starts[1:])
+    return starts.to(query_start_loc.dtype), lens.to(seq_lens.dtype), owner
+
+
 class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -151,7 +196,28 @@ class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 ancestor_mask=TREE_MODE.ancestor_mask,
                 causal_only="tree_mask" in TREE_MODE.disabled_parts,
             )
+        if tree_rows is not None and native.dynamic_causal is None:
+            native = self._without_node_rows(native, TREE_MODE.num_nodes[:num_reqs])
         return TreeAttentionMetadata(native=native, tree_rows=tree_rows)
+
+    def _without_node_rows(self, native: CPUAttentionMetadata, num_nodes: torch.Tensor) -> CPUAttentionMetadata:
+        """vLLM's metadata with each tree-node row split off into a 1-row sequence that reads 1 key."""
+        query_start_loc, seq_lens, owner = split_node_rows(
+            native.query_start_loc, native.seq_lens, num_nodes
+        )
+        return dataclasses.replace(
+            native,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_table=native.block_table[owner],
+            max_query_len=int((query_start_loc[1:] - query_start_loc[:-1]).max()),
+            scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=len(seq_lens), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                head_dim=self.head_dim, seq_lens=seq_lens, dtype=self.dtype, query_start_loc=query_start_loc,
+                causal=native.causal, sliding_window_size=self.window_size, isa=self.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, kv_cache_dtype=self.kv_cache_dtype,
+            ),
+        )
 
 
 class TreeAttentionImpl(CPUAttentionBackendImpl):
@@ -192,11 +258,14 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
             self.shadow = torch.zeros(num_blocks * block_size, num_kv_heads, width, dtype=kv_cache.dtype)
             TREE_MODE.layers.append((self, layer, kv_cache))
         n = slot_mapping.shape[0]
-        slots, rows = slot_mapping.long(), torch.cat([key[:n], value[:n]], dim=-1).to(self.shadow.dtype)
-        if bool((slots < 0).any()):  # padding rows (slot -1) are not cached, as in vLLM's own writer
-            keep = slots >= 0
-            slots, rows = slots[keep], rows[keep]
-        self.shadow.index_copy_(0, slots, rows)
+        slots, keep = TREE_MODE.shadow_slots(slot_mapping)
+        key, value = key[:n], value[:n]
+        if keep is not None:
+            key, value = key[keep], value[keep]
+        # Two writes into the halves instead of a concatenation: per-op overhead is most of this
+        # write's cost (30 layers x a few small ops per step).
+        self.shadow[..., : self.head_size].index_copy_(0, slots, key)
+        self.shadow[..., self.head_size :].index_copy_(0, slots, value)
 
     @staticmethod
     def move_kv(layers: list[tuple[Any, Any, torch.Tensor]], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
