@@ -254,9 +254,12 @@ class TreeStep:
 
         greedy_idx = torch.from_numpy(np.flatnonzero((rules == "greedy") & ~fallback))
         if greedy_idx.numel():
-            # max().indices: the first maximum, as argmax, but ~5x faster on bf16 CPU logits
-            targets = logits.max(dim=-1).indices[rows[greedy_idx]].cpu()
-            put(greedy_idx, accept_greedy_targets(tree, tokens[greedy_idx], targets))
+            if not bool((tokens[greedy_idx] >= 0).any()):  # no tree (e.g. adaptive chose none): plain argmax
+                out[greedy_idx, 0] = logits[rows[greedy_idx, 0]].max(dim=-1).indices.cpu()
+            else:
+                # max().indices: the first maximum, as argmax, but ~5x faster on bf16 CPU logits
+                targets = logits.max(dim=-1).indices[rows[greedy_idx]].cpu()
+                put(greedy_idx, accept_greedy_targets(tree, tokens[greedy_idx], targets))
         for typical in (False, True):
             idx = torch.from_numpy(np.flatnonzero((rules == ("typical" if typical else "lossless")) & ~fallback))
             if not idx.numel():
@@ -294,7 +297,7 @@ class TreeStep:
     def compact(self, runner: Any, path_positions: torch.Tensor | None = None) -> None:
         """Move the accepted nodes' KV from their tree slots to the slots right after the root."""
         step, last = self._step, self._last_positions
-        if step is None or last is None or "kv_move" in TREE_MODE.disabled_parts:
+        if step is None or last is None or not last.any() or "kv_move" in TREE_MODE.disabled_parts:
             return
         paths = _paths_to(step.tree, torch.from_numpy(last))  # [R, D+1] tree positions, -1 padded
         depth_index = torch.arange(paths.shape[1])[None, :].expand_as(paths)
