@@ -40,7 +40,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=6, help="MT-Bench questions (first turns)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                        help="default: the fast dtype of this machine (bfloat16 with AMX or CUDA, else float32); "
+                        help="default: the fast dtype of this machine (bfloat16 with CUDA, AMX or AVX-512 BF16, else float32); "
                         "float32 for exact matches")
     parser.add_argument("--heads", type=Path, default=None, help="heads directory (default: the shipped ones)")
     parser.add_argument("--tree", default=None, help="tree preset or size (default: the heads' own tree)")
