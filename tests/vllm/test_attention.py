@@ -1,4 +1,5 @@
-"""CPU tree attention backend: the sequences handed to vLLM's own kernel when a step has trees."""
+"""CPU tree attention backend: the sequences handed to vLLM's own kernel when a step has trees, and the
+shadow KV copy the tree rows read."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 pytest.importorskip("vllm")
 from vllm import _custom_ops as ops  # noqa: E402
 
-from vllm_medusa.vllm.attention import split_node_rows  # noqa: E402
+from vllm_medusa.vllm.attention import ShadowKV, split_node_rows  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 32, 32
 
@@ -62,3 +63,29 @@ def test_rows_other_than_nodes_are_unchanged_by_the_split():
     # the node rows are placeholders (one key each), not the causal rows: the recompute overwrites them
     assert not torch.allclose(split[node_row], whole[node_row])
     assert torch.isfinite(split).all()
+
+
+def test_shadow_writes_held_for_a_step_equal_immediate_writes():
+    """A step without trees holds every layer's K/V and writes them at the flush: same shadow, padding
+    rows (slot -1) skipped, and the slots survive vLLM refilling its buffer in between."""
+    torch.manual_seed(0)
+    num_layers, num_blocks = 3, 4
+    kv_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE)
+    slot_mapping = torch.tensor([5, 70, -1, 3])
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    kv = torch.randn(num_layers, 2, len(slot_mapping), KV_HEADS, HEAD_SIZE)
+
+    layer_index = {f"layer.{i}": i for i in range(num_layers)}
+    immediate = ShadowKV(layer_index=dict(layer_index))
+    held = ShadowKV(layer_index=dict(layer_index), may_hold=True, hold=True)
+    for i in range(num_layers):
+        immediate.write(f"layer.{i}", kv[i, 0], kv[i, 1], slots, keep, kv_cache)
+        held.write(f"layer.{i}", kv[i, 0], kv[i, 1], slots, keep, kv_cache)
+    assert not held.cache.any()
+    slots.fill_(0)  # the runner's slot buffer, reused by the next step
+    held.flush()
+    torch.testing.assert_close(held.cache, immediate.cache, rtol=0, atol=0)
+    assert immediate.cache[:, [5, 70, 3]].any(-1).all() and not immediate.cache[:, 0].any()
+    held.flush()  # nothing held any more: a no-op
+    torch.testing.assert_close(held.cache, immediate.cache, rtol=0, atol=0)

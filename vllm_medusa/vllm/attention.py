@@ -9,14 +9,15 @@ it. Once the runner switches tree mode on, this backend therefore:
   sequence of its own that reads one key, so the kernel spends next to nothing on rows it would get
   wrong (computed causally, a 16-node tree made its call 3.4x the cost of the root alone at 250
   keys and 6x at 1,000);
-* keeps a token-major shadow copy of K/V per layer (`[num_slots, kv_heads, 2 * head_size]`), written
-  next to the native cache, so any slot can be read with one indexing op whatever the ISA;
+* keeps a token-major shadow copy of K/V (`ShadowKV`), written next to the native cache, so any slot
+  can be read with one indexing op whatever the ISA;
 * recomputes only the tree-node rows of the step, for all requests in one padded, masked
   `scaled_dot_product_attention` call per layer (the mask is built once per step, shared by all
   layers): the number of attention calls per layer does not grow with the number of requests.
 
 A step without trees (e.g. the adaptive tree chose no speculation) costs what plain vLLM costs,
-plus the shadow write. The shadow doubles the KV memory of an engine running tree Medusa.
+plus the shadow write (in eager engines two ops per step for all layers). The shadow doubles the KV
+memory of an engine running tree Medusa.
 When tree mode is off, every method is vLLM's own.
 """
 
@@ -41,6 +42,71 @@ from vllm_medusa.vllm.settings import engine_runs_trees
 
 
 @dataclass
+class ShadowKV:
+    """Token-major copy of every layer's K/V, `[num_layers, num_slots, kv_heads, 2 * head_size]` (K | V).
+
+    Only tree-node rows read it, so in a step with trees each layer's rows must be written before that
+    layer's attention. In a step without trees nothing reads it: an eager engine's layers then hold their
+    K/V and the whole step is written in two ops when the next step starts (`flush`). Per-op overhead,
+    not bytes, is what 30 layers x 2 small writes cost: 5% of a plain step at batch 4 (bf16, 2 cores).
+    A compiled engine writes at once: inductor may reuse a K/V buffer once the layer is done with it.
+    """
+
+    layer_index: dict[str, int] = field(default_factory=dict)  # attention layer name -> row of `cache`
+    may_hold: bool = False  # the model runs eagerly, so held K/V stay intact until the flush
+    hold: bool = False  # this step: hold the writes (no tree rows)
+    cache: torch.Tensor | None = None
+    _held: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _held_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def layer(self, name: str) -> torch.Tensor:
+        """`[num_slots, kv_heads, 2 * head_size]` view of one layer."""
+        return self.cache[self.layer_index[name]]
+
+    def write(
+        self, name: str, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+    ) -> None:
+        """key, value: [T, kv_heads, head_size] rows of one layer; slots: [T'] (T' = T, or keep.sum())."""
+        if self.cache is None:
+            num_blocks, num_kv_heads, block_size, width = kv_cache.shape
+            self.cache = torch.zeros(
+                len(self.layer_index), num_blocks * block_size, num_kv_heads, width, dtype=kv_cache.dtype
+            )
+        if self.hold:
+            if self._held_slots is None:
+                self._held_slots = (slots.clone(), keep)  # vLLM refills its slot buffer next step
+            self._held[self.layer_index[name]] = (key, value)
+            return
+        if keep is not None:
+            key, value = key[keep], value[keep]
+        head_size = key.shape[-1]
+        cache = self.layer(name)
+        # Two writes into the halves instead of a concatenation: per-op overhead is most of this cost.
+        cache[..., :head_size].index_copy_(0, slots, key)
+        cache[..., head_size:].index_copy_(0, slots, value)
+
+    def flush(self) -> None:
+        """Write the held K/V of all layers (one step's), if any."""
+        if not self._held:
+            return
+        assert len(self._held) == len(self.layer_index), "a step's held writes cover every layer"
+        slots, keep = self._held_slots
+        keys = torch.stack([self._held[i][0] for i in range(len(self._held))])  # [L, T, kv_heads, D]
+        values = torch.stack([self._held[i][1] for i in range(len(self._held))])
+        if keep is not None:
+            keys, values = keys[:, keep], values[:, keep]
+        head_size = keys.shape[-1]
+        self.cache[..., :head_size].index_copy_(1, slots, keys)
+        self.cache[..., head_size:].index_copy_(1, slots, values)
+        self.drop_held()
+
+    def drop_held(self) -> None:
+        self._held.clear()
+        self._held_slots = None
+
+
+@dataclass
 class TreeMode:
     """Process-wide switch and per-step tree layout, written by the model runner.
 
@@ -55,6 +121,7 @@ class TreeMode:
     num_nodes: torch.Tensor | None = None  # [num_reqs] int64
     slot_mapping: torch.Tensor | None = None  # [num_tokens] KV slot of each query row, this step
     layers: list[tuple[Any, Any, torch.Tensor]] = field(default_factory=list)  # (impl, layer, kv_cache)
+    shadow: ShadowKV = field(default_factory=ShadowKV)
     attention_calls: int = 0  # tree-row SDPA calls, for tests of batching
     disabled_parts: set[str] = field(default_factory=set)  # mutation checks in tests
 
@@ -65,6 +132,7 @@ class TreeMode:
         self.enabled = enabled
         self.ancestor_mask = self.num_nodes = self.slot_mapping = self._shadow_slots = None
         self.layers.clear()
+        self.shadow = ShadowKV()
 
     def shadow_slots(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(int64 slots, rows to keep or None) of a step's shadow write, worked out once for all layers.
@@ -177,12 +245,22 @@ class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         # TREE_MODE is process-wide: a plain engine in the same process (VLLM_ENABLE_V1_MULTIPROCESSING=0)
         # must stay vLLM's own whatever a tree engine there does.
         self.runs_trees = engine_runs_trees(self.vllm_config)
+        if self.runs_trees:
+            from vllm.config import CompilationMode
+
+            shadow = TREE_MODE.shadow
+            for name in self.layer_names:
+                shadow.layer_index.setdefault(name, len(shadow.layer_index))
+            shadow.may_hold = self.vllm_config.compilation_config.mode == CompilationMode.NONE
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         native = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if not (self.runs_trees and TREE_MODE.enabled):
             return native
         m = common_attn_metadata
+        if "held_shadow_writes" in TREE_MODE.disabled_parts:
+            TREE_MODE.shadow.drop_held()
+        TREE_MODE.shadow.flush()
         TREE_MODE.slot_mapping = m.slot_mapping
         tree_rows = None
         if TREE_MODE.num_nodes is not None and TREE_MODE.ancestor_mask is not None:
@@ -196,6 +274,7 @@ class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 ancestor_mask=TREE_MODE.ancestor_mask,
                 causal_only="tree_mask" in TREE_MODE.disabled_parts,
             )
+        TREE_MODE.shadow.hold = tree_rows is None and TREE_MODE.shadow.may_hold
         if tree_rows is not None and native.dynamic_causal is None:
             native = self._without_node_rows(native, TREE_MODE.num_nodes[:num_reqs])
         return TreeAttentionMetadata(native=native, tree_rows=tree_rows)
@@ -221,7 +300,7 @@ class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class TreeAttentionImpl(CPUAttentionBackendImpl):
-    shadow: torch.Tensor | None = None  # [num_slots, kv_heads, 2 * head_size], token-major K|V
+    registered = False  # this layer is in TREE_MODE.layers (for move_kv)
 
     def __init__(self, *args, **kwargs):
         from vllm.config import get_current_vllm_config_or_none
@@ -236,7 +315,7 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         rows = attn_metadata.tree_rows
         if rows is None:
             return output
-        kv = self.shadow[rows.key_slots]  # [G, K, kv_heads, 2D]
+        kv = TREE_MODE.shadow.layer(layer.layer_name)[rows.key_slots]  # [G, K, kv_heads, 2D]
         k = kv[..., : self.head_size].transpose(1, 2)
         v = kv[..., self.head_size :].transpose(1, 2)
         q = query[rows.query_rows].transpose(1, 2)  # [G, H, Q, D]
@@ -253,28 +332,25 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if not (self.runs_trees and TREE_MODE.enabled):
             return
-        if self.shadow is None:
-            num_blocks, num_kv_heads, block_size, width = kv_cache.shape
-            self.shadow = torch.zeros(num_blocks * block_size, num_kv_heads, width, dtype=kv_cache.dtype)
+        if not self.registered:
             TREE_MODE.layers.append((self, layer, kv_cache))
+            self.registered = True
         n = slot_mapping.shape[0]
+        if key.shape[0] != n:  # padded rows; a slice costs microseconds per layer, so only when needed
+            key, value = key[:n], value[:n]
         slots, keep = TREE_MODE.shadow_slots(slot_mapping)
-        key, value = key[:n], value[:n]
-        if keep is not None:
-            key, value = key[keep], value[keep]
-        # Two writes into the halves instead of a concatenation: per-op overhead is most of this
-        # write's cost (30 layers x a few small ops per step).
-        self.shadow[..., : self.head_size].index_copy_(0, slots, key)
-        self.shadow[..., self.head_size :].index_copy_(0, slots, value)
+        TREE_MODE.shadow.write(layer.layer_name, key, value, slots, keep, kv_cache)
 
     @staticmethod
     def move_kv(layers: list[tuple[Any, Any, torch.Tensor]], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
         """Shadow and native cache of every layer. Sources are read before anything is written, so overlapping
         moves (dst <= src) are safe; the native cache is written through vLLM's own writer, so its
         ISA-specific layout is respected."""
+        shadow = TREE_MODE.shadow
+        shadow.flush()
         for impl, layer, kv_cache in layers:
-            moved = impl.shadow[src_slots]
-            impl.shadow[dst_slots] = moved
+            moved = shadow.layer(layer.layer_name)[src_slots]
+            shadow.layer(layer.layer_name)[dst_slots] = moved
             num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
             key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
             ops.cpu_attn_reshape_and_cache(
