@@ -72,18 +72,16 @@ def test_shadow_writes_held_for_a_step_equal_immediate_writes():
     num_layers, num_blocks = 3, 4
     kv_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK, 2 * HEAD_SIZE)
     slot_mapping = torch.tensor([5, 70, -1, 3])
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
     kv = torch.randn(num_layers, 2, len(slot_mapping), KV_HEADS, HEAD_SIZE)
 
     layer_index = {f"layer.{i}": i for i in range(num_layers)}
     immediate = ShadowKV(layer_index=dict(layer_index))
     held = ShadowKV(layer_index=dict(layer_index), may_hold=True, hold=True)
     for i in range(num_layers):
-        immediate.write(f"layer.{i}", kv[i, 0], kv[i, 1], slots, keep, kv_cache)
-        held.write(f"layer.{i}", kv[i, 0], kv[i, 1], slots, keep, kv_cache)
+        immediate.write(f"layer.{i}", kv[i, 0], kv[i, 1], slot_mapping, kv_cache)
+        held.write(f"layer.{i}", kv[i, 0], kv[i, 1], slot_mapping, kv_cache)
     assert not held.cache.any()
-    slots.fill_(0)  # the runner's slot buffer, reused by the next step
+    slot_mapping.fill_(0)  # the runner's slot buffer, refilled by the next step
     held.flush()
     torch.testing.assert_close(held.cache, immediate.cache, rtol=0, atol=0)
     assert immediate.cache[:, [5, 70, 3]].any(-1).all() and not immediate.cache[:, 0].any()

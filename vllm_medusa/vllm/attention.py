@@ -56,26 +56,38 @@ class ShadowKV:
     may_hold: bool = False  # the model runs eagerly, so held K/V stay intact until the flush
     hold: bool = False  # this step: hold the writes (no tree rows)
     cache: torch.Tensor | None = None
+    _step_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # (slot_mapping, slots, keep)
     _held: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    _held_slots: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def layer(self, name: str) -> torch.Tensor:
         """`[num_slots, kv_heads, 2 * head_size]` view of one layer."""
         return self.cache[self.layer_index[name]]
 
+    def slots(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(int64 slots, rows to keep or None) of a step's write, worked out once for all layers.
+
+        Padding rows (slot -1) are not cached, as in vLLM's own writer. A copy: vLLM refills its slot
+        buffer next step, before held writes are flushed."""
+        if self._step_slots is None or self._step_slots[0] is not slot_mapping:
+            slots = slot_mapping.to(torch.long, copy=True)
+            keep = None
+            if bool((slots < 0).any()):
+                keep = slots >= 0
+                slots = slots[keep]
+            self._step_slots = (slot_mapping, slots, keep)
+        return self._step_slots[1], self._step_slots[2]
+
     def write(
-        self, name: str, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None,
-        kv_cache: torch.Tensor,
+        self, name: str, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor, kv_cache: torch.Tensor
     ) -> None:
-        """key, value: [T, kv_heads, head_size] rows of one layer; slots: [T'] (T' = T, or keep.sum())."""
+        """key, value: [T, kv_heads, head_size] rows of one layer; slot_mapping: [T], -1 for padding rows."""
+        slots, keep = self.slots(slot_mapping)
         if self.cache is None:
             num_blocks, num_kv_heads, block_size, width = kv_cache.shape
             self.cache = torch.zeros(
                 len(self.layer_index), num_blocks * block_size, num_kv_heads, width, dtype=kv_cache.dtype
             )
         if self.hold:
-            if self._held_slots is None:
-                self._held_slots = (slots.clone(), keep)  # vLLM refills its slot buffer next step
             self._held[self.layer_index[name]] = (key, value)
             return
         if keep is not None:
@@ -91,7 +103,7 @@ class ShadowKV:
         if not self._held:
             return
         assert len(self._held) == len(self.layer_index), "a step's held writes cover every layer"
-        slots, keep = self._held_slots
+        _, slots, keep = self._step_slots  # the held step's: no write since
         keys = torch.stack([self._held[i][0] for i in range(len(self._held))])  # [L, T, kv_heads, D]
         values = torch.stack([self._held[i][1] for i in range(len(self._held))])
         if keep is not None:
@@ -103,7 +115,6 @@ class ShadowKV:
 
     def drop_held(self) -> None:
         self._held.clear()
-        self._held_slots = None
 
 
 @dataclass
@@ -125,27 +136,12 @@ class TreeMode:
     attention_calls: int = 0  # tree-row SDPA calls, for tests of batching
     disabled_parts: set[str] = field(default_factory=set)  # mutation checks in tests
 
-    _shadow_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
-
     def reset(self, enabled: bool) -> None:
         """A new engine in this process: forget the previous engine's layers and step."""
         self.enabled = enabled
-        self.ancestor_mask = self.num_nodes = self.slot_mapping = self._shadow_slots = None
+        self.ancestor_mask = self.num_nodes = self.slot_mapping = None
         self.layers.clear()
         self.shadow = ShadowKV()
-
-    def shadow_slots(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(int64 slots, rows to keep or None) of a step's shadow write, worked out once for all layers.
-
-        Padding rows (slot -1) are not cached, as in vLLM's own writer."""
-        if self._shadow_slots is None or self._shadow_slots[0] is not slot_mapping:
-            slots = slot_mapping.long()
-            keep = None
-            if bool((slots < 0).any()):
-                keep = slots >= 0
-                slots = slots[keep]
-            self._shadow_slots = (slot_mapping, slots, keep)
-        return self._shadow_slots[1], self._shadow_slots[2]
 
 
 TREE_MODE = TreeMode()
@@ -338,8 +334,7 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         n = slot_mapping.shape[0]
         if key.shape[0] != n:  # padded rows; a slice costs microseconds per layer, so only when needed
             key, value = key[:n], value[:n]
-        slots, keep = TREE_MODE.shadow_slots(slot_mapping)
-        TREE_MODE.shadow.write(layer.layer_name, key, value, slots, keep, kv_cache)
+        TREE_MODE.shadow.write(layer.layer_name, key, value, slot_mapping, kv_cache)
 
     @staticmethod
     def move_kv(layers: list[tuple[Any, Any, torch.Tensor]], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
@@ -348,9 +343,10 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         ISA-specific layout is respected."""
         shadow = TREE_MODE.shadow
         shadow.flush()
+        moved_all = shadow.cache[:, src_slots]  # [L, M, kv_heads, 2D]
+        shadow.cache[:, dst_slots] = moved_all
         for impl, layer, kv_cache in layers:
-            moved = shadow.layer(layer.layer_name)[src_slots]
-            shadow.layer(layer.layer_name)[dst_slots] = moved
+            moved = moved_all[shadow.layer_index[layer.layer_name]]
             num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
             key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
             ops.cpu_attn_reshape_and_cache(
