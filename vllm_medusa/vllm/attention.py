@@ -16,8 +16,8 @@ it. Once the runner switches tree mode on, this backend therefore:
   layers): the number of attention calls per layer does not grow with the number of requests.
 
 A step without trees (e.g. the adaptive tree chose no speculation) costs what plain vLLM costs,
-plus the shadow write (in eager engines two ops per step for all layers). The shadow doubles the KV
-memory of an engine running tree Medusa.
+plus the shadow write (in eager engines four ops per step for all layers: two stacks, two writes).
+The shadow doubles the KV memory of an engine running tree Medusa.
 When tree mode is off, every method is vLLM's own.
 """
 
@@ -47,8 +47,9 @@ class ShadowKV:
 
     Only tree-node rows read it, so in a step with trees each layer's rows must be written before that
     layer's attention. In a step without trees nothing reads it: an eager engine's layers then hold their
-    K/V and the whole step is written in two ops when the next step starts (`flush`). Per-op overhead,
-    not bytes, is what 30 layers x 2 small writes cost: 5% of a plain step at batch 4 (bf16, 2 cores).
+    K/V and the whole step is written in four ops (two stacks, two writes) when the next step starts
+    (`flush`). Per-op overhead, not bytes, is what 30 layers x 2 small writes cost: 5% of a plain step
+    at batch 4 (bf16, 2 cores).
     A compiled engine writes at once: inductor may reuse a K/V buffer once the layer is done with it.
     """
 
