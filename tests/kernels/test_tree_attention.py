@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -182,11 +183,58 @@ def test_tile_plan_covers_rows_and_avoids_padding():
         TilePlan(64, 2, root_row=True)
 
 
+def test_tile_plan_prefers_64_row_tiles_over_128_row_ones():
+    # GQA (4 query heads per KV head): 17, 65, 129 query rows -> 68, 260, 516 rows per KV head
+    assert (tile_plan(68).m_tiles, tile_plan(68).block_m) == (2, 64)
+    assert (tile_plan(260).m_tiles, tile_plan(260).block_m) == (5, 64)
+    assert (tile_plan(516).m_tiles, tile_plan(516).block_m) == (9, 64)
+    plan = tile_plan(129)  # MHA, 128 nodes + root: the 128-row tile and the root block stay
+    assert (plan.block_m, plan.m_tiles, plan.root_row, plan.num_warps, plan.programs_per_sm) == (128, 1, True, 8, 1)
+    assert tile_plan(65).programs_per_sm == 2 and tile_plan(65).rows_per_program == 65
+
+
 def test_num_splits_fill_the_gpu_only_when_it_pays():
     assert choose_num_splits(32, 65, 16384, 132) > 4  # batch 1: split the context
     assert choose_num_splits(32 * 32, 65, 16384, 132) == 1  # batch 32 fills the GPU already
     assert choose_num_splits(32, 65, 512, 132) == 1  # a short context: partials would cost more
     assert 1 <= choose_num_splits(1, 1, 1 << 20, 132) <= 64
+
+
+def test_num_splits_fill_whole_waves():
+    # MHA, batch 1 / 8, 64 nodes (32 programs per split, two per SM): 8 splits = 256 of 264 slots, as before
+    assert choose_num_splits(32, 65, 4161, 132) == 8
+    assert choose_num_splits(256, 65, 4161, 132) == 1
+    # MHA, 128 nodes (one 128-row program per SM): 4 splits = 128 of 132 SMs, not 8 (two waves)
+    assert choose_num_splits(32, 129, 16513, 132, programs_per_sm=1) == 4
+    # GQA, 64 nodes as 5x64 tiles, batch 1: 6 splits (240 of 264 slots) where 2 was allowed before
+    assert choose_num_splits(40, 64, 4161, 132) == 6
+    # ... batch 8 (320 programs, more than a wave): 3 splits fill 91% of their last wave, 1 split 61%
+    assert choose_num_splits(320, 64, 16449, 132) == 3
+    # GQA, 128 nodes as 9x64 tiles, batch 1: 3 splits fill 216 of 264 slots; 4 would start a second wave
+    assert choose_num_splits(72, 64, 4225, 132) == 3
+    # GQA decode (N=0), batch 1, 16k: 8 programs per split, 33 splits fill all 264 slots
+    assert choose_num_splits(8, 4, 16385, 132) == 33
+    # a short context still caps the slices (>= 256 keys and >= 8 keys per row each)
+    assert choose_num_splits(40, 64, 1024, 132) == 2
+
+
+@pytest.mark.parametrize("num_sms", [78, 108, 132])
+def test_num_splits_stay_within_their_bounds(num_sms):
+    for programs, rows, seq_len, per_sm in itertools.product(
+        (1, 8, 24, 40, 72, 256, 320, 1024), (1, 4, 17, 64, 65, 129), (100, 513, 4161, 16449, 1 << 20), (1, 2)
+    ):
+        splits = choose_num_splits(programs, rows, seq_len, num_sms, per_sm)
+        slots = per_sm * num_sms
+        assert 1 <= splits <= 64
+        if splits > 1:
+            assert seq_len // splits >= max(256, 8 * rows)  # each slice pays for its partial output
+            assert splits <= max(3, slots // programs)  # no more than a wave, or 3 splits
+        if 3 * programs <= slots:  # a split of at most a third of a wave: all programs run in one wave
+            assert programs * splits <= slots
+        limit = max(1, min(seq_len // max(256, 8 * rows), max(3, slots // programs), 64))
+        # the count that fills its last wave best, the fewest of equals
+        fill = [programs * s / (-(-programs * s // slots) * slots) for s in range(1, limit + 1)]
+        assert fill[splits - 1] == max(fill) and all(f < max(fill) for f in fill[: splits - 1])
 
 
 def test_build_metadata_shapes():

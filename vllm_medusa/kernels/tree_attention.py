@@ -30,10 +30,13 @@ from torch import Tensor
 
 _WORD_BITS = 32
 _MAX_SPLITS = 64
-# A split must cover at least this many keys, and at least this many keys per query row of a KV head, so
-# its fp32 partial output (written and read back once) stays small next to the K/V bytes it reads.
+# A split must cover at least this many keys, and at least this many keys per query row of a program, so
+# its fp32 partial output (written and read back once) stays small next to the K/V bytes it reads: at 8 keys
+# per row it is at most a quarter of them.
 _MIN_SPLIT_KEYS = 256
-_SPLIT_KEYS_PER_ROW = 8  # measured on an H100: batch 1, 4k context, 65 rows: 8 splits 54 us, 4 splits 70 us
+_SPLIT_KEYS_PER_ROW = 8  # measured on an H100: batch 1, 4k context, 65 rows: 8 splits 47 us, 4 splits 54 us
+# Where one split's programs already exceed a wave of slots, up to this many splits even out the last one.
+_MIN_SPLIT_CAP = 3
 
 
 # --- tree mask ------------------------------------------------------------------------------------------
@@ -127,9 +130,24 @@ class TilePlan:
     def rows_covered(self) -> int:
         return self.root_row + self.m_tiles * self.block_m
 
+    @property
+    def rows_per_program(self) -> int:
+        return self.root_row + self.block_m
+
+    @property
+    def programs_per_sm(self) -> int:
+        """Programs resident per SM (H100, Triton 3.6): a 4-warp tile uses <= 255 registers per thread and
+        <= 112 KiB of shared memory, so two fit; the 8-warp 128-row tile (242-255 registers) nearly fills the
+        register file alone."""
+        return 1 if self.num_warps >= 8 else 2
+
 
 def tile_plan(rows: int) -> TilePlan:
-    """The plan computing the fewest rows; an extra program counts as 32 rows (it re-reads the KV)."""
+    """The plan computing the fewest rows; an extra program counts as 32 rows (it re-reads the KV), and a
+    128-row tile as 192 rows: it runs alone on its SM with two pipeline stages, where two 64-row programs of
+    three stages share one. (H100, GQA 4 heads per KV head, batch 1/8, context 4k/16k, best split count
+    each: 2x64 beat 1x128 by 22-32% at 68 rows, 5x64 beat 3x128 by 8-31% at 260, 9x64 beat 5x128 by
+    10-23% at 516.) So the 128-row tile remains only for 129 rows (MHA, 128 nodes + the root block)."""
     if rows < 1:
         raise ValueError(f"rows must be >= 1, got {rows}")
     candidates = []
@@ -138,7 +156,7 @@ def tile_plan(rows: int) -> TilePlan:
             m_tiles = max(1, math.ceil((rows - root_row) / block_m))
             if root_row and (m_tiles > 1 or rows == 1):
                 continue
-            cost = m_tiles * block_m + 32 * m_tiles + 16 * root_row
+            cost = m_tiles * (block_m + block_m // 2 * (block_m == 128)) + 32 * m_tiles + 16 * root_row
             candidates.append((cost, m_tiles, root_row, block_m))
     _, m_tiles, root_row, block_m = min(candidates)
     # 128-row tiles need two warpgroups and leave shared memory for two pipeline stages only.
@@ -146,12 +164,29 @@ def tile_plan(rows: int) -> TilePlan:
                     num_stages=2 if block_m == 128 else 3)
 
 
-def choose_num_splits(programs_per_split: int, rows_per_kv_head: int, max_seq_len: int, num_sms: int) -> int:
-    """Context slices per request: up to two programs per SM (slices are equal, so a partial extra wave
-    would cost a whole one), no slice too short to pay for its partial output."""
-    wanted = 2 * num_sms // programs_per_split
-    affordable = max_seq_len // max(_MIN_SPLIT_KEYS, _SPLIT_KEYS_PER_ROW * rows_per_kv_head)
-    return max(1, min(wanted, affordable, _MAX_SPLITS))
+def choose_num_splits(programs_per_split: int, rows_per_program: int, max_seq_len: int, num_sms: int,
+                      programs_per_sm: int = 2) -> int:
+    """Context slices per request, S: the count whose programs (S * programs_per_split, all equally long)
+    fill their last wave of `programs_per_sm * num_sms` slots best, the fewest on ties. S goes up to one
+    wave (more splits only add partial outputs to merge; below a wave, the best fill is the most splits
+    that fit it) or, where one split's programs exceed a wave already, up to `_MIN_SPLIT_CAP`; no slice is
+    shorter than `_MIN_SPLIT_KEYS` keys or `_SPLIT_KEYS_PER_ROW` keys per query row of a program (its
+    partial output must stay small).
+
+    Why waves: with 4 query heads per KV head the tree rows make a step compute-bound, so the time follows
+    the number of waves (H100, batch 1, 4k context, 5x64 tiles, 40 programs per split: 5 splits 42.5 us,
+    6 splits 44.3 us, 8 splits 51.4 us, 2 splits 54.1 us; batch 8: 320 programs, 1 split 275 us, 3 splits
+    218 us). Host ints only, so the launch shape is fixed for a CUDA graph.
+    """
+    slots = programs_per_sm * num_sms
+    affordable = max_seq_len // max(_MIN_SPLIT_KEYS, _SPLIT_KEYS_PER_ROW * rows_per_program)
+    limit = max(1, min(affordable, max(_MIN_SPLIT_CAP, slots // programs_per_split), _MAX_SPLITS))
+
+    def fill(splits: int) -> float:
+        programs = splits * programs_per_split
+        return programs / (-(-programs // slots) * slots)
+
+    return max(range(1, limit + 1), key=lambda splits: (fill(splits), -splits))
 
 
 @dataclass(frozen=True)
@@ -204,7 +239,9 @@ def build_tree_attention_metadata(
     if num_splits is None:
         if num_sms is None:
             num_sms = _num_sms(block_table.device)
-        num_splits = choose_num_splits(len(seq_lens) * num_kv_heads * plan.m_tiles, rows, max_seq_len, num_sms)
+        num_splits = choose_num_splits(len(seq_lens) * num_kv_heads * plan.m_tiles,
+                                       min(rows, plan.rows_per_program), max_seq_len, num_sms,
+                                       plan.programs_per_sm)
     device = block_table.device
     return TreeAttentionMetadata(
         block_table=block_table.to(torch.int32),
