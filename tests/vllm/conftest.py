@@ -77,6 +77,12 @@ def write_config_heads(heads: Path, tree: list[list[int]]) -> Path:
     return heads
 
 
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 @pytest.fixture(scope="session")
 def oracle_heads(tmp_path_factory) -> Path:
     """A heads directory for the oracle proposer."""

@@ -1,5 +1,5 @@
-"""CPU tree attention backend: the sequences handed to vLLM's own kernel when a step has trees, and the
-shadow KV copy the tree rows read."""
+"""CPU tree attention backend: the sequences handed to vLLM's own kernel when a step has trees, the
+layout of vLLM's cache the tree rows read, and the shadow KV copy they read where that layout is unknown."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("vllm")
 from vllm import _custom_ops as ops  # noqa: E402
 
-from vllm_medusa.vllm.attention import ShadowKV, split_node_rows  # noqa: E402
+from vllm_medusa.vllm.attention import NATIVE_LAYOUT_ISAS, ShadowKV, native_kv, split_node_rows  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 32, 32
 
@@ -21,6 +21,24 @@ def test_split_node_rows_gives_each_node_row_a_one_key_sequence():
     assert lens.tolist() == [5, 17, 1, 1, 1, 7, 1, 1]
     assert owner.tolist() == [0, 1, 1, 1, 1, 2, 2, 2]
     assert starts.dtype == torch.int32 and lens.dtype == torch.int32
+
+
+@pytest.mark.parametrize("isa, block_size, head_size", [("vec", 32, 64), ("vec", 128, 128), ("vec16", 16, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_kv_reads_what_vllms_writer_wrote(isa, block_size, head_size, dtype):
+    assert isa in NATIVE_LAYOUT_ISAS
+    num_blocks = 5
+    kv_cache = torch.zeros(num_blocks, KV_HEADS, block_size, 2 * head_size, dtype=dtype)
+    key_cache, value_cache = kv_cache.view(num_blocks, KV_HEADS, 2 * block_size, head_size).chunk(2, dim=2)
+    slots = torch.randperm(num_blocks * block_size)[: num_blocks * block_size - 7]
+    key = torch.randn(len(slots), KV_HEADS, head_size).to(dtype)
+    value = torch.randn(len(slots), KV_HEADS, head_size).to(dtype)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa, k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    k_blocks, v_blocks = native_kv(kv_cache, head_size)
+    block, offset = slots // block_size, slots % block_size
+    assert torch.equal(k_blocks[block, :, :, offset], key)
+    assert torch.equal(v_blocks[block, :, offset], value)
 
 
 def _attention(query, key_cache, value_cache, query_start_loc, seq_lens, block_table):

@@ -37,12 +37,6 @@ ENGINE_ARGS = {**BASE_ENGINE_ARGS, "max_num_seqs": 256, "max_model_len": 256}
 
 
 @pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as mp:
-        yield mp
-
-
-@pytest.fixture(scope="module")
 def tokenizer(smollm2_f32):
     from transformers import AutoTokenizer
 

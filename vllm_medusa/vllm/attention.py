@@ -9,15 +9,16 @@ it. Once the runner switches tree mode on, this backend therefore:
   sequence of its own that reads one key, so the kernel spends next to nothing on rows it would get
   wrong (computed causally, a 16-node tree made its call 3.4x the cost of the root alone at 250
   keys and 6x at 1,000);
-* keeps a token-major shadow copy of K/V (`ShadowKV`), written next to the native cache, so any slot
-  can be read with one indexing op whatever the ISA;
+* reads each request's K/V for those rows straight from vLLM's cache, whole blocks at a time, where the
+  block layout of vLLM's ISA is known (`native_kv`: its "vec" and "vec16" kernels, x86 without AMX);
+  elsewhere (amx, neon, ...) from a token-major shadow copy of K/V (`ShadowKV`) written next to the
+  native cache, which doubles the KV memory;
 * recomputes only the tree-node rows of the step, for all requests in one padded, masked
   `scaled_dot_product_attention` call per layer (the mask is built once per step, shared by all
   layers): the number of attention calls per layer does not grow with the number of requests.
 
-A step without trees (e.g. the adaptive tree chose no speculation) costs what plain vLLM costs,
-plus the shadow write (in eager engines four ops per step for all layers: two stacks, two writes).
-The shadow doubles the KV memory of an engine running tree Medusa.
+A step without trees (e.g. the adaptive tree chose no speculation) costs what plain vLLM costs, plus
+(with a shadow) the shadow write: in eager engines four ops per step for all layers (two stacks, two writes).
 When tree mode is off, every method is vLLM's own.
 """
 
@@ -39,6 +40,21 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_medusa.vllm.settings import engine_runs_trees
+
+
+# vLLM CPU ISAs whose block layout `native_kv` reads: within a block of a KV head, K transposed
+# ([head_size, block_size]) then V token-major ([block_size, head_size]). Checked against vLLM's own writer
+# (tests/vllm/test_attention.py); for other ISAs (amx, neon, ...) tree rows read the shadow copy.
+NATIVE_LAYOUT_ISAS = frozenset({"vec", "vec16"})
+
+
+def native_kv(kv_cache: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of vLLM's CPU cache `[num_blocks, kv_heads, block_size, 2 * head_size]` (a `NATIVE_LAYOUT_ISAS`
+    layout): K `[num_blocks, kv_heads, head_size, block_size]` and V `[num_blocks, kv_heads, block_size, head_size]`."""
+    num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+    halves = kv_cache.view(num_blocks, num_kv_heads, 2, block_size * head_size)
+    return (halves[:, :, 0].view(num_blocks, num_kv_heads, head_size, block_size),
+            halves[:, :, 1].view(num_blocks, num_kv_heads, block_size, head_size))
 
 
 @dataclass
@@ -134,6 +150,7 @@ class TreeMode:
     slot_mapping: torch.Tensor | None = None  # [num_tokens] KV slot of each query row, this step
     layers: list[tuple[Any, Any, torch.Tensor]] = field(default_factory=list)  # (impl, layer, kv_cache)
     shadow: ShadowKV = field(default_factory=ShadowKV)
+    reads_native: bool = False  # tree rows read vLLM's cache (`native_kv`), so no shadow is kept
     attention_calls: int = 0  # tree-row SDPA calls, for tests of batching
     disabled_parts: set[str] = field(default_factory=set)  # mutation checks in tests
 
@@ -143,6 +160,7 @@ class TreeMode:
         self.ancestor_mask = self.num_nodes = self.slot_mapping = None
         self.layers.clear()
         self.shadow = ShadowKV()
+        self.reads_native = False
 
 
 TREE_MODE = TreeMode()
@@ -155,7 +173,8 @@ class TreeRows:
     query_rows: torch.Tensor  # [G, Q] row of each node in the step's query, 0 where padded
     query_valid: torch.Tensor  # [G, Q] bool
     valid_index: torch.Tensor  # [M] flat indices (into G * Q) of the real nodes
-    key_slots: torch.Tensor  # [G, K] KV slot of each key, 0 where padded
+    key_slots: torch.Tensor  # [G, K] KV slot of each key, 0 where padded (K: whole blocks)
+    key_blocks: torch.Tensor  # [G, K / block_size] KV block of each block of keys, 0 where padded
     mask: torch.Tensor  # [G, 1, Q, K] bool, True = may attend
 
 
@@ -186,17 +205,19 @@ def build_tree_rows(
         return None
     n = num_nodes[members].long()
     seq = seq_lens[members].long()
-    q_max, k_max = int(n.max()), int(seq.max())
+    q_max, num_blocks = int(n.max()), -(-int(seq.max()) // block_size)
     t = torch.arange(1, q_max + 1)  # node index, [Q]
-    k = torch.arange(k_max)  # KV index, [K]
+    k = torch.arange(num_blocks * block_size)  # KV index, [K]
 
     query_valid = t[None, :] <= n[:, None]
     first_node_row = query_start_loc[members + 1].long() - n
     query_rows = torch.where(query_valid, first_node_row[:, None] + t[None, :] - 1, 0)
 
     key_valid = k[None, :] < seq[:, None]
-    blocks = block_table[members].long().gather(1, (k // block_size)[None, :].expand(len(members), -1))
-    key_slots = torch.where(key_valid, blocks * block_size + (k % block_size)[None, :], 0)
+    block_valid = key_valid[:, ::block_size]
+    key_blocks = torch.where(block_valid, block_table[members, :num_blocks].long(), 0)
+    key_slots = torch.where(key_valid, key_blocks.repeat_interleave(block_size, 1) * block_size
+                            + (k % block_size)[None, :], 0)
 
     root = seq - n - 1  # KV index of the root
     u = k[None, :] - root[:, None]  # [G, K]: 0 = root, 1..n = nodes
@@ -208,7 +229,8 @@ def build_tree_rows(
     mask = key_valid[:, None, :] & ((u <= 0)[:, None, :] | (tree_ok & (u <= n[:, None])[:, None, :]))
     # A padded query row attends to key 0 only, so softmax never sees an empty row.
     mask |= (~query_valid)[:, :, None] & (k == 0)[None, None, :]
-    return TreeRows(query_rows, query_valid, query_valid.flatten().nonzero().flatten(), key_slots, mask[:, None])
+    return TreeRows(query_rows, query_valid, query_valid.flatten().nonzero().flatten(), key_slots, key_blocks,
+                    mask[:, None])
 
 
 def split_node_rows(
@@ -249,6 +271,7 @@ class TreeAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
             for name in self.layer_names:
                 shadow.layer_index.setdefault(name, len(shadow.layer_index))
             shadow.may_hold = self.vllm_config.compilation_config.mode == CompilationMode.NONE
+            TREE_MODE.reads_native = self.isa in NATIVE_LAYOUT_ISAS
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         native = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -312,9 +335,16 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         rows = attn_metadata.tree_rows
         if rows is None:
             return output
-        kv = TREE_MODE.shadow.layer(layer.layer_name)[rows.key_slots]  # [G, K, kv_heads, 2D]
-        k = kv[..., : self.head_size].transpose(1, 2)
-        v = kv[..., self.head_size :].transpose(1, 2)
+        if TREE_MODE.reads_native:
+            k_blocks, v_blocks = native_kv(kv_cache, self.head_size)
+            num_reqs, num_blocks = rows.key_blocks.shape
+            shape = (num_reqs, self.num_kv_heads, -1, self.head_size)  # [G, kv_heads, K, D]
+            k = k_blocks[rows.key_blocks].permute(0, 2, 1, 4, 3).reshape(shape)
+            v = v_blocks[rows.key_blocks].transpose(1, 2).reshape(shape)
+        else:
+            kv = TREE_MODE.shadow.layer(layer.layer_name)[rows.key_slots]  # [G, K, kv_heads, 2D]
+            k = kv[..., : self.head_size].transpose(1, 2)
+            v = kv[..., self.head_size :].transpose(1, 2)
         q = query[rows.query_rows].transpose(1, 2)  # [G, H, Q, D]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=rows.mask, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
@@ -332,6 +362,8 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
         if not self.registered:
             TREE_MODE.layers.append((self, layer, kv_cache))
             self.registered = True
+        if TREE_MODE.reads_native:
+            return
         n = slot_mapping.shape[0]
         if key.shape[0] != n:  # padded rows; a slice costs microseconds per layer, so only when needed
             key, value = key[:n], value[:n]
@@ -339,20 +371,27 @@ class TreeAttentionImpl(CPUAttentionBackendImpl):
 
     @staticmethod
     def move_kv(layers: list[tuple[Any, Any, torch.Tensor]], src_slots: torch.Tensor, dst_slots: torch.Tensor) -> None:
-        """Shadow and native cache of every layer. Sources are read before anything is written, so overlapping
-        moves (dst <= src) are safe; the native cache is written through vLLM's own writer, so its
-        ISA-specific layout is respected."""
+        """Native cache (and shadow, if kept) of every layer. Sources are read before anything is written, so
+        overlapping moves (dst <= src) are safe; the native cache is written through vLLM's own writer, so
+        its ISA-specific layout is respected."""
         shadow = TREE_MODE.shadow
-        shadow.flush()
-        moved_all = shadow.cache[:, src_slots]  # [L, M, kv_heads, 2D]
-        shadow.cache[:, dst_slots] = moved_all
+        if not TREE_MODE.reads_native:
+            shadow.flush()
+            moved_all = shadow.cache[:, src_slots]  # [L, M, kv_heads, 2D]
+            shadow.cache[:, dst_slots] = moved_all
         for impl, layer, kv_cache in layers:
-            moved = moved_all[shadow.layer_index[layer.layer_name]]
             num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+            if TREE_MODE.reads_native:
+                k_blocks, v_blocks = native_kv(kv_cache, impl.head_size)
+                block, offset = src_slots // block_size, src_slots % block_size
+                keys = k_blocks[block, :, :, offset].contiguous()  # [M, kv_heads, D]
+                values = v_blocks[block, :, offset].contiguous()
+            else:
+                moved = moved_all[shadow.layer_index[layer.layer_name]]
+                keys, values = moved[..., : impl.head_size].contiguous(), moved[..., impl.head_size :].contiguous()
             key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
             ops.cpu_attn_reshape_and_cache(
-                moved[..., : impl.head_size].contiguous(), moved[..., impl.head_size :].contiguous(),
-                key_cache, value_cache, dst_slots, layer.isa,
+                keys, values, key_cache, value_cache, dst_slots, layer.isa,
                 k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=impl.kv_cache_dtype,
             )
 
